@@ -1,0 +1,513 @@
+"""03_build_pairs.py: every rule on hand-built cases with known answers, agreement of the vectorised code with a
+straightforward per-prompt reference written here, experience replay, seeds, bad input and the CLI."""
+import json
+import math
+import os
+import random
+
+import numpy as np
+import pytest
+
+import common
+from conftest import load_script, run_script
+
+bp = load_script("03_build_pairs")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def srow(prompt, responses, rewards, valid=None, logps=None, **extra):
+    """One scores.jsonl row as 02_score.py writes it."""
+    k = len(responses)
+    logps = [-float(len(t)) for t in responses] if logps is None else logps
+    return dict(prompt_id=common.prompt_id(prompt), prompt=prompt, responses=responses, finish_reasons=["stop"] * k,
+                num_tokens=[len(t) for t in responses], generator="test", policy_logps=logps,
+                reference_logps=[0.0] * k, rewards=rewards, valid=[True] * k if valid is None else valid, **extra)
+
+
+def write(path, rows):
+    with open(path, "w") as f:
+        for r in rows:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return str(path)
+
+
+def build(tmp_path, rows, **kw):
+    """Run main in-process on `rows`; returns (pairs rows, stats)."""
+    scores = write(tmp_path / "scores.jsonl", rows)
+    out = tmp_path / "out"
+    kw.setdefault("plots", False)
+    bp.main(scores=scores, out_dir=str(out), overwrite=True, **kw)
+    pairs = [json.loads(l) for l in open(out / "pairs.jsonl")]
+    return pairs, json.load(open(out / "stats.json"))
+
+
+def by_prompt(pairs):
+    return {p["prompt"]: p for p in pairs}
+
+
+# ----------------------------------------------------------------------------- the reference implementation
+
+def reference_pairs(rows, alpha, min_valid):
+    """Per prompt, in plain Python: {prompt: (chosen index, rejected index)} and the drop counts."""
+    pairs, drops, seen = {}, dict(min_valid=0, tie=0, identical=0), set()
+    for row in rows:
+        if row["prompt"] in seen:
+            continue
+        seen.add(row["prompt"])
+        resp, rew = row["responses"], [math.nan if r is None else r for r in row["rewards"]]
+        logps = row.get("policy_logps")
+        usable = [j for j in range(len(resp)) if row["valid"][j] and math.isfinite(rew[j])
+                  and (logps is None or (logps[j] is not None and math.isfinite(logps[j])))]
+        if len(usable) < min_valid:
+            drops["min_valid"] += 1
+            continue
+        shaped = {j: rew[j] - alpha * len(resp[j]) for j in usable}
+        c = r = usable[0]
+        for j in usable:  # strict comparisons: the first index wins among equal values
+            if shaped[j] > shaped[c]:
+                c = j
+            if shaped[j] < shaped[r]:
+                r = j
+        if shaped[c] == shaped[r]:
+            drops["tie"] += 1
+        elif resp[c] == resp[r]:
+            drops["identical"] += 1
+        else:
+            pairs[row["prompt"]] = (c, r)
+    return pairs, drops
+
+
+def reference_mean_diff(rows, pairs):
+    if not pairs:
+        return None
+    text = {}
+    for row in rows:  # the first row of a repeated prompt is the one kept
+        text.setdefault(row["prompt"], row["responses"])
+    return sum(len(text[p][c]) - len(text[p][r]) for p, (c, r) in pairs.items()) / len(pairs)
+
+
+def reference_alpha(rows, min_valid):
+    """The issue's words: scan 0, 0.001, ... (< 1.0); stop at the first alpha whose |mean difference| is larger than
+    the smallest seen so far; use the alpha with the smallest |mean difference|."""
+    sweep = []
+    for i in range(1000):
+        alpha = i / 1000
+        d = reference_mean_diff(rows, reference_pairs(rows, alpha, min_valid)[0])
+        a = math.inf if d is None else abs(d)
+        smallest_before = min((x for _, _, x in sweep), default=math.inf)
+        sweep.append((alpha, d, a))
+        if a > smallest_before:
+            break
+    best = min(range(len(sweep)), key=lambda i: (sweep[i][2], i))
+    return sweep[best][0], [(a, d) for a, d, _ in sweep]
+
+
+def random_rows(seed, n=60):
+    """Ragged K, invalid and non-finite rewards, tied rewards, identical texts, length-correlated rewards."""
+    rng = random.Random(seed)
+    slope = rng.uniform(0.002, 0.03)
+    rows = []
+    for p in range(n):
+        k = rng.randint(3, 9)
+        pool = [rng.choice("abc") * rng.randint(0, 300) + str(rng.randint(0, 3)) for _ in range(4)]
+        resp = [rng.choice(pool) if rng.random() < 0.3 else "".join(rng.choice("xyz ") for _ in range(rng.randint(0, 400)))
+                for _ in range(k)]
+        if rng.random() < 0.1:  # a degenerate prompt: one text sampled K times, scored the same each time
+            resp = [resp[0]] * k
+        pool_reward = {t: round(slope * len(t) + rng.gauss(0, 1), 1) for t in pool + resp}
+        # rounding makes equal rewards happen; repeated texts often (not always) get the same reward
+        rew = [pool_reward[t] if rng.random() < 0.5 else round(slope * len(t) + rng.gauss(0, 1), 1) for t in resp]
+        for j in range(k):
+            if rng.random() < 0.05:
+                rew[j] = rng.choice([None, math.nan, math.inf])
+        valid = [rng.random() < 0.85 for _ in range(k)]
+        rows.append(srow(f"prompt {p % (n - 3)}", resp, rew, valid=valid))  # the last 3 prompts repeat earlier ones
+    return rows
+
+
+# ----------------------------------------------------------------------------- the rule
+
+def test_argmax_is_chosen_argmin_is_rejected(tmp_path):
+    rows = [srow("p", ["aa", "bb", "cc", "dd"], [0.1, 0.5, -0.3, 0.2])]
+    pairs, stats = build(tmp_path, rows, min_valid=2, length_control=False)
+    assert len(pairs) == 1
+    assert (pairs[0]["chosen"], pairs[0]["rejected"]) == ("bb", "cc")
+    assert (pairs[0]["chosen_reward"], pairs[0]["rejected_reward"]) == (0.5, -0.3)
+    # the scoring policy's log-probs of those two responses become the next round's reference log-probs
+    assert (pairs[0]["ref_chosen_logps"], pairs[0]["ref_rejected_logps"]) == (-2.0, -2.0)
+    assert pairs[0]["source"] == "generated" and pairs[0]["prompt_id"] == common.prompt_id("p")
+    assert stats["alpha"] == 0.0 and stats["alpha_mode"] == "off"
+
+
+def test_ref_logps_follow_the_chosen_and_rejected_indices(tmp_path):
+    rows = [srow("p", ["a", "b", "c"], [0.0, 2.0, -2.0], logps=[-10.0, -11.0, -12.0])]
+    (pair,), _ = build(tmp_path, rows, min_valid=2, alpha=0)
+    assert (pair["ref_chosen_logps"], pair["ref_rejected_logps"]) == (-11.0, -12.0)
+
+
+def test_invalid_responses_are_ignored(tmp_path):
+    # the best and the worst rewards belong to invalid responses: they are never picked
+    rows = [srow("p", ["a", "b", "c", "d", "e"], [9.0, 1.0, 0.0, -1.0, -9.0], valid=[False, True, True, True, False])]
+    (pair,), stats = build(tmp_path, rows, min_valid=2, alpha=0)
+    assert (pair["chosen"], pair["rejected"]) == ("b", "d")
+    assert stats["counts"]["n_responses_invalid"] == 2
+
+
+def test_nonfinite_rewards_are_counted_never_ranked(tmp_path):
+    nan_row = '{"prompt": "p", "responses": ["a", "b", "c", "d"], "rewards": [NaN, 1.0, Infinity, null], ' \
+              '"valid": [true, true, true, true]}'
+    rows = [nan_row, srow("q", ["a", "b", "c"], [0.0, float("-inf"), 1.0])]
+    pairs, stats = build(tmp_path, rows, min_valid=2, alpha=0)
+    # p keeps one usable response (< 2): dropped; q ranks only its two finite rewards
+    assert [(p["prompt"], p["chosen"], p["rejected"]) for p in pairs] == [("q", "c", "a")]
+    assert stats["counts"]["n_responses_nonfinite"] == 4
+    assert stats["counts"]["n_dropped_min_valid"] == 1
+    assert pairs[0]["ref_chosen_logps"] == -1.0  # no policy_logps in p's row is fine; q has them
+
+
+def test_missing_policy_logps_give_null_reference_logps(tmp_path):
+    row = srow("p", ["a", "b"], [1.0, 0.0])
+    del row["policy_logps"]
+    (pair,), _ = build(tmp_path, [row], min_valid=2, alpha=0)
+    assert pair["ref_chosen_logps"] is None and pair["ref_rejected_logps"] is None
+
+
+def test_min_valid_drops_prompts_with_too_few_usable_responses(tmp_path):
+    rows = [srow("two", ["a", "b", "c"], [1.0, 0.0, 2.0], valid=[True, True, False]),
+            srow("three", ["a", "b", "c"], [1.0, 0.0, 2.0])]
+    pairs, stats = build(tmp_path, rows, min_valid=3, alpha=0)
+    assert [p["prompt"] for p in pairs] == ["three"]
+    assert stats["counts"]["n_prompts_in"] == 2 and stats["counts"]["n_dropped_min_valid"] == 1
+    pairs, stats = build(tmp_path, rows, min_valid=2, alpha=0)
+    assert sorted(p["prompt"] for p in pairs) == ["three", "two"]
+
+
+def test_equal_maxima_and_minima_pick_the_first_index():
+    table = bp.make_table([dict(responses=["a", "b", "c", "d"], rewards=[1.0, 0.0, 1.0, 0.0], usable=[True] * 4)])
+    chosen, rejected, tie, identical = bp.select(table, 0.0)
+    assert (chosen[0], rejected[0], tie[0], identical[0]) == (0, 1, False, False)
+
+
+def test_ties_and_identical_texts_are_dropped_and_counted(tmp_path):
+    rows = [srow("tie", ["a", "b", "c"], [0.5, 0.5, 0.5]),  # every shaped reward equal
+            srow("same", ["x", "y", "x"], [2.0, 1.0, 0.0]),  # best and worst are the same text
+            srow("ok", ["a", "bb", "a"], [0.0, 1.0, 0.0])]  # equal worst rewards, identical texts, best differs
+    pairs, stats = build(tmp_path, rows, min_valid=2, alpha=0)
+    assert [(p["prompt"], p["chosen"], p["rejected"]) for p in pairs] == [("ok", "bb", "a")]
+    assert stats["counts"]["n_dropped_tie"] == 1 and stats["counts"]["n_dropped_identical"] == 1
+
+
+def test_shaping_can_create_a_tie_at_one_alpha(tmp_path):
+    # 0.5 - 0.1 * 5 == 0.0 - 0.1 * 0 exactly (0.1 * 5 rounds to 0.5): a tie at alpha 0.1, a pair at other alphas
+    rows = [srow("t", ["abcde", ""], [0.5, 0.0]), srow("u", ["ab", "abc"], [1.0, 0.0])]
+    table = bp.make_table(bp.read_scores(write(tmp_path / "s.jsonl", rows))[0])
+    assert list(bp.select(table, 0.1)[2]) == [True, False]
+    assert list(bp.select(table, 0.05)[2]) == [False, False]
+    pairs, stats = build(tmp_path, rows, min_valid=2, alpha=0.1)
+    assert [p["prompt"] for p in pairs] == ["u"] and stats["counts"]["n_dropped_tie"] == 1
+
+
+def test_length_penalty_switches_the_pair(tmp_path):
+    rows = [srow("p", ["s" * 10, "l" * 110], [0.0, 0.5])]  # long wins by 0.5: shaped gap 0.5 - 100 * alpha
+    (pair,), _ = build(tmp_path, rows, min_valid=2, alpha=0.004)
+    assert (pair["chosen"], pair["rejected"]) == ("l" * 110, "s" * 10)
+    (pair,), stats = build(tmp_path, rows, min_valid=2, alpha=0.006)
+    assert (pair["chosen"], pair["rejected"]) == ("s" * 10, "l" * 110)
+    assert pair["chosen_reward"] == 0.0  # the stored rewards are the unshaped implicit rewards
+    assert stats["alpha_mode"] == "fixed" and stats["mean_len_diff_before"] == 100 and stats["mean_len_diff_after"] == -100
+
+
+def scan_case():
+    """Three prompts, a short (10 chars) and a long (110 chars) response each; the long one leads by 0.15, 0.35 and
+    1.55, so it loses its place once 100 * alpha exceeds that: after 0.0015, 0.0035 and 0.0155.
+    mean len diff: +100 (alpha 0, 0.001), +33.3 (0.002, 0.003), -33.3 (0.004 .. 0.015), -100 (0.016)."""
+    return [srow(f"p{i}", ["s" * 10, "l" * 110], [0.0, lead]) for i, lead in enumerate([0.15, 0.35, 1.55])]
+
+
+def test_alpha_scan_stopping_rule():
+    table = bp.make_table([dict(responses=r["responses"], rewards=r["rewards"], usable=r["valid"]) for r in scan_case()])
+    alpha, sweep = bp.sweep_alpha(table)
+    # |mean| 100, 100, 33.3, 33.3, 33.3 (equal: no stop) ... 33.3 at 0.015, 100 at 0.016 (larger: stop there);
+    # the smallest |mean| is first reached at 0.002
+    assert alpha == 0.002
+    assert [a for a, _ in sweep] == [i / 1000 for i in range(17)]
+    assert [round(d, 6) for _, d in sweep] == [100, 100, 33.333333, 33.333333] + [-33.333333] * 12 + [-100]
+    assert (alpha, sweep) == reference_alpha(scan_case(), 2)
+
+
+def test_alpha_scan_without_a_stop_runs_to_0_999_and_keeps_the_first_minimum():
+    # one prompt whose pair flips at alpha 0.0015: |mean| is 10 everywhere, never larger than the smallest seen
+    rows = [srow("p", ["s" * 10, "l" * 20], [0.0, 0.015])]
+    table = bp.make_table([dict(responses=r["responses"], rewards=r["rewards"], usable=r["valid"]) for r in rows])
+    alpha, sweep = bp.sweep_alpha(table)
+    assert alpha == 0.0 and len(sweep) == 1000 and sweep[-1][0] == 0.999
+    assert [d for _, d in sweep[:3]] == [10, 10, -10]
+
+
+def test_alpha_scan_through_main(tmp_path):
+    pairs, stats = build(tmp_path, scan_case(), min_valid=2)
+    assert stats["alpha"] == 0.002 and stats["alpha_mode"] == "auto" and stats["alpha_steps"] == 17
+    assert stats["mean_len_diff_before"] == 100 and stats["mean_len_diff_after"] == pytest.approx(100 / 3)
+    assert {p["prompt"]: len(p["chosen"]) for p in pairs} == {"p0": 10, "p1": 110, "p2": 110}
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_vectorised_rule_matches_the_per_prompt_reference(tmp_path, seed):
+    rows = random_rows(seed)
+    want_alpha, want_sweep = reference_alpha(rows, 3)
+    records, counts = bp.read_scores(write(tmp_path / "s.jsonl", rows))
+    table = bp.make_table([r for r in records if sum(r["usable"]) >= 3])
+    alpha, sweep = bp.sweep_alpha(table)
+    assert (alpha, sweep) == (want_alpha, want_sweep)  # exact: the same float operations in the same order
+    pairs, stats = build(tmp_path, rows, min_valid=3)
+    want, drops = reference_pairs(rows, want_alpha, 3)
+    text = {r["prompt"]: r["responses"] for r in reversed(rows)}  # first row of a repeated prompt wins
+    rew = {r["prompt"]: r["rewards"] for r in reversed(rows)}
+    assert {p["prompt"]: (p["chosen"], p["rejected"]) for p in pairs} == \
+        {p: (text[p][c], text[p][r]) for p, (c, r) in want.items()}
+    assert {p["prompt"]: (p["chosen_reward"], p["rejected_reward"]) for p in pairs} == \
+        {p: (rew[p][c], rew[p][r]) for p, (c, r) in want.items()}
+    c = stats["counts"]
+    assert (c["n_dropped_min_valid"], c["n_dropped_tie"], c["n_dropped_identical"]) == \
+        (drops["min_valid"], drops["tie"], drops["identical"])
+    assert c["n_duplicate_prompts"] == 3 and stats["alpha"] == want_alpha
+
+
+def test_random_cases_exercise_every_branch(tmp_path):
+    """Guard for the test above: its random cases really contain ties, identical texts, drops and multi-step scans."""
+    totals = dict(min_valid=0, tie=0, identical=0)
+    steps = []
+    for seed in range(12):
+        rows = random_rows(seed)
+        alpha, sweep = reference_alpha(rows, 3)
+        for k, v in reference_pairs(rows, alpha, 3)[1].items():
+            totals[k] += v
+        steps.append(len(sweep))
+    assert all(v > 0 for v in totals.values()), totals
+    assert max(steps) >= 5 and min(steps) >= 2
+
+
+# ----------------------------------------------------------------------------- experience replay
+
+@pytest.mark.parametrize("n_off, n_gen, gamma, want", [
+    (10, 8, 0.5, (5, 5)), (10, 8, 0.25, (7, 2)), (10, 8, 0.75, (2, 6)), (100, 8, 0.5, (8, 8)), (10, 8, 0.0, (8, 0)),
+    (10000, 9000, 0.5, (5000, 5000)),
+])
+def test_replay_counts_follow_the_paper_formula(n_off, n_gen, gamma, want):
+    assert bp.replay_counts(n_off, n_gen, gamma) == want
+
+
+def test_replay_takes_offline_pairs_only_from_other_prompts(tmp_path):
+    gen = [srow(f"q{i}", ["a", "bb"], [1.0, 0.0]) for i in range(8)]
+    # 10 offline pairs: 8 share a prompt with a generated pair, 2 do not; 5 + 5 are taken, so exactly the 5 offline
+    # pairs whose prompts are not among the 5 sampled generated ones qualify
+    off = [dict(prompt=f"q{i}", chosen=f"good {i}", rejected=f"bad {i}", policy_chosen_logps=-1.5 - i,
+                policy_rejected_logps=-2.5, chosen_reward=0.3, rejected_reward=0.1) for i in range(10)]
+    pairs, stats = build(tmp_path, gen, min_valid=2, alpha=0, offline=write(tmp_path / "off.jsonl", off), gamma=0.5)
+    g = [p for p in pairs if p["source"] == "generated"]
+    o = [p for p in pairs if p["source"] == "offline"]
+    assert (len(g), len(o)) == (5, 5)
+    assert (stats["counts"]["n_pairs_generated"], stats["counts"]["n_pairs_offline"]) == (5, 5)
+    assert {p["prompt"] for p in g}.isdisjoint({p["prompt"] for p in o})
+    assert {p["prompt"] for p in g} | {p["prompt"] for p in o} == {f"q{i}" for i in range(10)}
+    for p in o:  # 02 --pairs' policy log-probs become the reference log-probs; its rewards are kept
+        i = int(p["prompt"][1:])
+        assert (p["chosen"], p["rejected"]) == (f"good {i}", f"bad {i}")
+        assert (p["ref_chosen_logps"], p["ref_rejected_logps"], p["chosen_reward"], p["rejected_reward"]) == \
+            (-1.5 - i, -2.5, 0.3, 0.1)
+        assert p["prompt_id"] == common.prompt_id(p["prompt"])
+
+
+def test_replay_offline_without_02_fields_gets_nulls(tmp_path):
+    gen = [srow(f"q{i}", ["a", "bb"], [1.0, 0.0]) for i in range(4)]
+    off = [dict(prompt=f"o{i}", chosen="c", rejected="r") for i in range(4)]
+    pairs, _ = build(tmp_path, gen, min_valid=2, alpha=0, offline=write(tmp_path / "off.jsonl", off))  # gamma 0.5
+    o = [p for p in pairs if p["source"] == "offline"]
+    assert len(o) == 2 and all(p[k] is None for p in o for k in
+                                ("ref_chosen_logps", "ref_rejected_logps", "chosen_reward", "rejected_reward"))
+
+
+def test_message_list_prompts_are_compared_by_prompt_id(tmp_path):
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    gen = [srow(chat, ["a", "bb"], [1.0, 0.0]), srow("other", ["a", "bb"], [1.0, 0.0])]
+    off = [dict(prompt=chat, chosen="c", rejected="r"), dict(prompt="x", chosen="c", rejected="r"),
+           dict(prompt="other", chosen="c", rejected="r"), dict(prompt="y", chosen="c", rejected="r")]
+    for seed in range(4):  # n_gen = 2 (both prompts), n_off = 2: only "x" and "y" qualify
+        pairs, _ = build(tmp_path, gen, min_valid=2, alpha=0, offline=write(tmp_path / "off.jsonl", off), seed=seed)
+        assert sorted(json.dumps(p["prompt"]) for p in pairs) == sorted(json.dumps(p) for p in [chat, "other", "x", "y"])
+        assert {p["prompt_id"] for p in pairs if p["prompt"] == chat} == {common.prompt_id(chat)}
+
+
+def test_gamma_zero_means_generated_only(tmp_path):
+    gen = [srow(f"q{i}", ["a", "bb"], [1.0, 0.0]) for i in range(6)]
+    off = write(tmp_path / "off.jsonl", [dict(prompt="o", chosen="c", rejected="r")])
+    pairs, stats = build(tmp_path, gen, min_valid=2, alpha=0, offline=off, gamma=0)
+    assert len(pairs) == 6 and all(p["source"] == "generated" for p in pairs)
+    assert stats["counts"]["n_pairs_offline"] == 0 and stats["gamma"] == 0
+
+
+@pytest.mark.parametrize("gamma, offline, message", [
+    (1.0, True, "--gamma must be < 1"), (1.5, True, "--gamma must be < 1"), (-0.1, True, "--gamma must be >= 0"),
+    (0.5, False, "--gamma 0.5 needs --offline"),
+])
+def test_gamma_errors(tmp_path, gamma, offline, message):
+    scores = write(tmp_path / "s.jsonl", [srow("q", ["a", "bb"], [1.0, 0.0])])
+    off = write(tmp_path / "off.jsonl", [dict(prompt="o", chosen="c", rejected="r")]) if offline else None
+    with pytest.raises(common.DiceError, match=message):
+        bp.main(scores=scores, out_dir=str(tmp_path / "out"), offline=off, gamma=gamma, min_valid=2)
+    assert not os.path.exists(tmp_path / "out" / "pairs.jsonl")
+
+
+def test_too_few_offline_pairs_is_an_error(tmp_path):
+    gen = [srow(f"q{i}", ["a", "bb"], [1.0, 0.0]) for i in range(8)]
+    off = write(tmp_path / "off.jsonl", [dict(prompt=f"q{i}", chosen="c", rejected="r") for i in range(8)])
+    # n_gen = 4, n_off = 4, and only the 4 offline prompts outside the sampled generated ones qualify: just enough
+    pairs, _ = build(tmp_path, gen, min_valid=2, alpha=0, offline=off, gamma=0.5)
+    assert len(pairs) == 8
+    # one generated prompt q0 and 8 offline pairs all on q0: n_gen = 1, n_off = 1, none qualifies
+    off_same = write(tmp_path / "off2.jsonl", [dict(prompt="q0", chosen="c", rejected="r")] * 8)
+    with pytest.raises(common.DiceError, match="too few offline pairs"):
+        bp.main(scores=write(tmp_path / "s.jsonl", [srow("q0", ["a", "bb"], [1.0, 0.0])]), out_dir=str(tmp_path / "o2"),
+                offline=off_same, gamma=0.5, min_valid=2, alpha=0)
+    assert not os.path.exists(tmp_path / "o2" / "pairs.jsonl")
+
+
+def test_replay_keeping_no_generated_pair_is_an_error(tmp_path):
+    off = write(tmp_path / "off.jsonl", [dict(prompt="o", chosen="c", rejected="r")])
+    with pytest.raises(common.DiceError, match="keeps no generated pair"):
+        bp.main(scores=write(tmp_path / "s.jsonl", [srow("q", ["a", "bb"], [1.0, 0.0])]), out_dir=str(tmp_path / "o"),
+                offline=off, gamma=0.5, min_valid=2)
+
+
+def test_same_seed_same_output_other_seed_other_selection(tmp_path):
+    gen = [srow(f"q{i}", ["a", "bb"], [1.0, 0.0]) for i in range(60)]
+    off = write(tmp_path / "off.jsonl", [dict(prompt=f"o{i}", chosen="c", rejected="r") for i in range(60)])
+    scores = write(tmp_path / "s.jsonl", gen)
+    outs = {}
+    for name, seed in [("a", 3), ("b", 3), ("c", 4)]:
+        bp.main(scores=scores, out_dir=str(tmp_path / name), offline=off, gamma=0.5, seed=seed, min_valid=2, plots=False)
+        outs[name] = open(tmp_path / name / "pairs.jsonl").read()
+    assert outs["a"] == outs["b"]
+    pick = {k: {json.loads(l)["prompt"] for l in v.splitlines()} for k, v in outs.items()}
+    assert len(pick["a"]) == 60 and pick["a"] != pick["c"]  # 30 of 60 generated + 30 of 60 offline: other subsets
+    assert json.load(open(tmp_path / "c" / "stats.json"))["seed"] == 4
+
+
+# ----------------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("lines, message", [
+    (['{"prompt": "p"', ], "s.jsonl:1: bad JSON"),
+    ([json.dumps(srow("p", ["a", "b"], [1.0, 0.0])), "[1, 2]"], "s.jsonl:2: expected a JSON object"),
+    ([json.dumps(srow("p", ["a", "b"], [1.0]))], "s.jsonl:1: 'rewards' has 1 values but 'responses' has 2"),
+    ([json.dumps(srow("p", ["a", "b"], [1.0, 0.0], valid=[True]))], "s.jsonl:1: 'valid' has 1 values"),
+    ([json.dumps(srow("p", ["a", "b"], [1.0, 0.0], logps=[1.0, 2.0, 3.0]))], "'policy_logps' has 3 values"),
+    ([json.dumps({**srow("p", ["a", "b"], [1.0, 0.0]), "finish_reasons": ["stop"]})], "'finish_reasons' has 1"),
+    ([json.dumps(srow("p", ["a", "b"], [1.0, "high"]))], r"s.jsonl:1: rewards\[1\]: expected a number"),
+    ([json.dumps(srow("p", ["a", "b"], [1.0, 0.0], valid=[1, 0]))], "'valid' must be a list of true/false"),
+    ([json.dumps({k: v for k, v in srow("p", ["a"], [1.0]).items() if k != "rewards"})], "missing field 'rewards'"),
+    ([json.dumps(srow("", ["a", "b"], [1.0, 0.0]))], "s.jsonl:1: empty prompt"),
+    ([""], "s.jsonl: no rows"),
+])
+def test_bad_scores_rows_are_one_line_errors(tmp_path, lines, message):
+    scores = write(tmp_path / "s.jsonl", lines)
+    with pytest.raises(common.DiceError, match=message):
+        bp.main(scores=scores, out_dir=str(tmp_path / "out"), min_valid=2)
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_bad_offline_rows_are_errors(tmp_path):
+    scores = write(tmp_path / "s.jsonl", [srow(f"q{i}", ["a", "bb"], [1.0, 0.0]) for i in range(4)])
+    for rows, message in [([dict(prompt="o", chosen="c")], "off.jsonl:1: missing field 'rejected'"),
+                          ([dict(prompt="o", chosen="c", rejected=3)], "'rejected' must be a string"),
+                          ([dict(prompt="o", chosen="c", rejected="r", policy_chosen_logps=math.nan)], "not finite")]:
+        with pytest.raises(common.DiceError, match=message):
+            bp.main(scores=scores, out_dir=str(tmp_path / "out"), offline=write(tmp_path / "off.jsonl", rows),
+                    min_valid=2)
+
+
+def test_empty_result_is_an_error_and_writes_nothing(tmp_path):
+    rows = [srow("p", ["a", "b", "c", "d"], [1.0, 0.0, 0.5, 0.2])]
+    with pytest.raises(common.DiceError, match="no pairs left: 1 prompts, 1 with fewer than --min_valid 8 .*K = 4"):
+        bp.main(scores=write(tmp_path / "s.jsonl", rows), out_dir=str(tmp_path / "out"))
+    with pytest.raises(common.DiceError, match="1 ties"):
+        bp.main(scores=write(tmp_path / "s.jsonl", [srow("p", ["a", "b"], [1.0, 1.0])]), out_dir=str(tmp_path / "out"),
+                min_valid=2)
+    assert not os.path.exists(tmp_path / "out")
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(alpha="often"), "--alpha must be auto or a number >= 0, got 'often'"),
+    (dict(alpha=-0.1), "--alpha must be auto or a number >= 0, got -0.1"),
+    (dict(alpha=0.01, length_control=False), "contradicts --length_control false"),
+    (dict(min_valid=1), "--min_valid must be >= 2"), (dict(length_control="maybe"), "--length_control must be true"),
+])
+def test_bad_arguments(tmp_path, kw, message):
+    scores = write(tmp_path / "s.jsonl", [srow("p", ["a", "b"], [1.0, 0.0])])
+    with pytest.raises(common.DiceError, match=message):
+        bp.main(scores=scores, out_dir=str(tmp_path / "out"), **kw)
+
+
+# ----------------------------------------------------------------------------- the CLI, as a user runs it
+
+def test_cli_end_to_end_outputs_refusal_and_overwrite(tmp_path):
+    rows = random_rows(0, n=40)
+    scores = write(tmp_path / "scores.jsonl", rows)
+    off = write(tmp_path / "off.jsonl", [dict(prompt=f"prompt {i}", chosen="c", rejected="r", policy_chosen_logps=-1.0,
+                                               policy_rejected_logps=-2.0) for i in range(100)])
+    out = tmp_path / "pairs"
+    cmd = ["python", "03_build_pairs.py", "--scores", scores, "--out_dir", out, "--offline", off, "--gamma", "0.5",
+           "--min_valid", "3", "--seed", "7"]
+    proc = run_script(cmd)
+    assert sorted(os.listdir(out)) == ["alpha_sweep.png", "length_hist.png", "pairs.jsonl", "pairs.jsonl.done.json",
+                                       "reward_hist.png", "stats.json"]
+    for png in ("alpha_sweep.png", "length_hist.png", "reward_hist.png"):
+        assert open(out / png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    stats = json.load(open(out / "stats.json"))
+    want_alpha, want_sweep = reference_alpha(rows, 3)
+    assert stats["alpha"] == want_alpha and [tuple(s) for s in stats["sweep"]] == want_sweep
+    for key in ("mean_len_diff_before", "mean_len_diff_after", "chosen_len", "rejected_len", "chosen_reward",
+                "rejected_reward", "seed", "args", "gamma", "alpha_steps"):
+        assert key in stats
+    c = stats["counts"]
+    for key in ("n_prompts_in", "n_dropped_min_valid", "n_dropped_tie", "n_dropped_identical", "n_pairs_generated",
+                "n_pairs_offline"):
+        assert isinstance(c[key], int)
+    pairs = [json.loads(l) for l in open(out / "pairs.jsonl")]
+    assert len(pairs) == c["n_pairs"] == c["n_pairs_generated"] + c["n_pairs_offline"]
+    assert c["n_pairs_generated"] == min(int(100 * 0.5), c["n_pairs_built"]) and c["n_pairs_offline"] > 0
+    assert all(set(p) == {"prompt_id", "prompt", "chosen", "rejected", "chosen_reward", "rejected_reward", "source",
+                          "ref_chosen_logps", "ref_rejected_logps"} for p in pairs)
+    assert json.load(open(out / "pairs.jsonl.done.json"))["args"]["seed"] == 7
+    assert f"wrote {out}/pairs.jsonl: {c['n_pairs']} pairs" in proc.stdout
+    assert proc.stdout.startswith("03_build_pairs: scores=")
+
+    before = open(out / "pairs.jsonl").read()
+    proc = run_script(cmd[:-1] + ["8"], check=False)
+    assert proc.returncode == 2 and "already exists; pass --overwrite" in proc.stderr
+    assert open(out / "pairs.jsonl").read() == before
+    run_script(cmd[:-1] + ["8", "--overwrite"])
+    assert open(out / "pairs.jsonl").read() != before
+    assert json.load(open(out / "stats.json"))["seed"] == 8
+
+
+def test_cli_bad_input_is_one_line_with_file_and_line(tmp_path):
+    scores = write(tmp_path / "scores.jsonl", [json.dumps(srow("p", ["a", "b"], [1.0, 0.0])), "{oops"])
+    proc = run_script(["python", "03_build_pairs.py", "--scores", scores, "--out_dir", tmp_path / "out"], check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: {scores}:2: bad JSON (Expecting property name enclosed in double quotes)"
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_cli_fixed_alpha_and_no_length_control(tmp_path):
+    scores = write(tmp_path / "scores.jsonl", scan_case())
+    run_script(["python", "03_build_pairs.py", "--scores", scores, "--out_dir", tmp_path / "a", "--min_valid", "2",
+                "--alpha", "0.004", "--plots", "false"])
+    stats = json.load(open(tmp_path / "a" / "stats.json"))
+    assert stats["alpha"] == 0.004 and stats["alpha_mode"] == "fixed"
+    assert stats["sweep"] == [[0.0, 100.0], [0.004, pytest.approx(-100 / 3)]]
+    assert not os.path.exists(tmp_path / "a" / "alpha_sweep.png")
+    run_script(["python", "03_build_pairs.py", "--scores", scores, "--out_dir", tmp_path / "b", "--min_valid", "2",
+                "--length_control", "false", "--plots", "false"])
+    stats = json.load(open(tmp_path / "b" / "stats.json"))
+    assert stats["alpha"] == 0.0 and stats["alpha_mode"] == "off" and stats["mean_len_diff_after"] == 100
