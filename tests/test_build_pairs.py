@@ -5,7 +5,6 @@ import math
 import os
 import random
 
-import numpy as np
 import pytest
 
 import common
