@@ -25,7 +25,7 @@
 # stages/}; every stage logs its exact command and output to OUT/round_t/logs/STAGE.log; OUT/run.log has the summary.
 #
 # Resume and safety: a finished stage leaves OUT/round_t/stages/STAGE.done.json holding a key (a hash of its command
-# lines, the done markers of its inputs and the content of local input files). A rerun skips finished stages, lets
+# lines, the keys of the stages it reads from and the content of local input files). A rerun skips finished stages, lets
 # 01_generate.py resume an unfinished generation, and refuses when a stage's settings changed since it started or
 # finished (FORCE=1 redoes such stages and everything downstream of them). A stage only starts when the done markers
 # of its inputs exist, so a partial file is never consumed; the stage scripts themselves write atomically.
@@ -177,8 +177,11 @@ stage_begin() {  # returns 0 when the stage must run now, 1 when it finished bef
   for m in "${STAGE_INPUTS[@]}"; do
     [[ -f $m ]] || die "$name ($dir): input $m is missing: its stage has not finished"
   done
-  CUR_KEY=$({ printf '%s\n' "$text"; for m in "${STAGE_INPUTS[@]}"; do cat "$m"; done
-              for m in "${STAGE_FILES[@]}"; do [[ -f $m ]] && sha256sum <"$m"; done; } | sha256sum | cut -c1-16)
+  # the key: the command lines with OUT written as $OUT (a moved run folder stays valid), the keys of the input
+  # stages, and the content of local input files
+  CUR_KEY=$({ printf '%s\n' "${text//"$OUT"/'$OUT'}"
+              for m in "${STAGE_INPUTS[@]}"; do sed -n 's/^ *"key": "\([0-9a-f]*\)".*/\1/p' "$m"; done
+              for m in "${STAGE_FILES[@]}"; do if [[ -f $m ]]; then sha256sum <"$m"; fi; done; } | sha256sum | cut -c1-16)
   if [[ -f $CUR_DONE ]]; then
     old=$(json_field "$CUR_DONE" key)
     if [[ $old == "$CUR_KEY" ]]; then log "skip   $(basename "$dir")/$name (finished before with the same settings)"; return 1; fi
