@@ -155,6 +155,41 @@ def test_merge_shards_refuses_a_wrong_union(tmp_path, prompt_file, case, message
     assert not os.path.exists(tmp_path / "m.jsonl")
 
 
+# ----------------------------------------------------------------------------- tools/prepare_ultrafeedback.py
+
+def test_prepare_ultrafeedback_on_a_local_copy(tmp_path):
+    """A tiny DatasetDict in UltraFeedback-binarized form: the prompts and their pairs match, held-out prompts are
+    disjoint from the rounds' prompts, identical pairs are skipped, the same seed gives the same files."""
+    import datasets
+
+    def conv(p, a):
+        return [{"role": "user", "content": p}, {"role": "assistant", "content": a}]
+
+    def rows(prefix, n):
+        return {"prompt": [f"{prefix} {i}?" for i in range(n)],
+                "chosen": [conv(f"{prefix} {i}?", f"good {i}") for i in range(n)],
+                "rejected": [conv(f"{prefix} {i}?", "good 0" if i == 0 else f"bad {i}") for i in range(n)]}
+
+    src = tmp_path / "uf"
+    datasets.DatasetDict({"train_prefs": datasets.Dataset.from_dict(rows("q", 12)),
+                          "test_prefs": datasets.Dataset.from_dict(rows("t", 6))}).save_to_disk(str(src))
+    for out in ("a", "b"):
+        run_script(["python", "tools/prepare_ultrafeedback.py", "--source", src, "--out", tmp_path / out,
+                    "--num_prompts", "5", "--num_eval", "3", "--seed", "1"])
+    prompts = read_jsonl(tmp_path / "a" / "prompts.jsonl")
+    prefs = read_jsonl(tmp_path / "a" / "preferences.jsonl")
+    held = read_jsonl(tmp_path / "a" / "eval_preferences.jsonl")
+    assert len(prompts) == 5 and [p["prompt"] for p in prefs] == [p["prompt"] for p in prompts]
+    assert all(p["chosen"] == "good " + p["prompt"][2:-1] and p["rejected"].startswith("bad") for p in prefs)
+    assert "q 0?" not in {p["prompt"] for p in prompts}  # chosen == rejected: skipped
+    assert len(held) == 3 and all(p["prompt"].startswith("t ") for p in held)
+    for name in ("prompts.jsonl", "preferences.jsonl", "eval_preferences.jsonl"):
+        assert (tmp_path / "a" / name).read_text() == (tmp_path / "b" / name).read_text()
+    proc = run_script(["python", "tools/prepare_ultrafeedback.py", "--source", src, "--out", tmp_path / "a"],
+                      check=False)
+    assert proc.returncode == 2 and "already exists" in proc.stderr
+
+
 # ----------------------------------------------------------------------------- tools/report.py on hand-made files
 
 def test_report_figures_on_known_files(tmp_path):

@@ -1,0 +1,97 @@
+"""The data files of the paper presets (configs/llama3-8b.env, configs/zephyr-7b.env), from UltraFeedback.
+
+    python tools/prepare_ultrafeedback.py --out data/ultrafeedback      # needs the HF hub (or a local copy: --source)
+
+The paper (Chen et al., ICLR 2025, Sec. 5) samples 10k prompts from UltraFeedback for the DICE rounds and replays the
+UltraFeedback preference pairs of those prompts (gamma = 0.5). This writes, from HuggingFaceH4/ultrafeedback_binarized:
+  prompts.jsonl           `prompt`: --num_prompts prompts drawn at random (seeded) from the train_prefs split
+  preferences.jsonl       `prompt`, `chosen`, `rejected`: the binarized pairs of those same prompts (the replay buffer)
+  eval_preferences.jsonl  `prompt`, `chosen`, `rejected`: --num_eval pairs of the test_prefs split (held out)
+chosen/rejected are the text of the last assistant turn of the dataset's `chosen`/`rejected` conversations. The exact
+random 10k subset of the paper's authors is not published; this one is reproducible from --seed. Rows whose prompt is
+empty or whose chosen and rejected texts are identical are skipped and counted.
+--source may be a hub id or a local folder saved with `datasets.save_to_disk` (a DatasetDict with both splits).
+"""
+import os
+import random
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402
+from common import DiceError  # noqa: E402
+
+
+def last_assistant(messages, where):
+    if isinstance(messages, str):
+        return messages
+    turns = [m.get("content") for m in messages or [] if isinstance(m, dict) and m.get("role") == "assistant"]
+    if not turns or not isinstance(turns[-1], str):
+        raise DiceError(f"{where}: no assistant turn")
+    return turns[-1]
+
+
+def to_pairs(rows, split):
+    """(pairs, skipped): prompt/chosen/rejected strings from binarized rows."""
+    pairs, skipped = [], 0
+    for i, row in enumerate(rows):
+        prompt = row.get("prompt")
+        chosen = last_assistant(row.get("chosen"), f"{split} row {i}: chosen")
+        rejected = last_assistant(row.get("rejected"), f"{split} row {i}: rejected")
+        if not isinstance(prompt, str) or not prompt.strip() or chosen == rejected:
+            skipped += 1
+            continue
+        pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return pairs, skipped
+
+
+def main(
+    out: str = "data/ultrafeedback",  # output folder
+    source: str = "HuggingFaceH4/ultrafeedback_binarized",  # hub id, or a local save_to_disk folder
+    num_prompts: int = 10000,  # prompts for the DICE rounds (paper: 10k)
+    num_eval: int = 1000,  # held-out pairs for the judge-free evaluation (0 = none)
+    seed: int = 0,  # seed of the random subsets
+    train_split: str = "train_prefs",
+    eval_split: str = "test_prefs",
+    overwrite: bool = False,
+):
+    """Write prompts.jsonl, preferences.jsonl and eval_preferences.jsonl for the paper presets."""
+    import datasets
+
+    num_prompts = common.as_int("num_prompts", num_prompts, minimum=1)
+    num_eval = common.as_int("num_eval", num_eval, minimum=0)
+    seed = common.as_int("seed", seed, minimum=0)
+    overwrite = common.as_bool("overwrite", overwrite)
+    out = str(out)
+    names = ["prompts.jsonl", "preferences.jsonl"] + (["eval_preferences.jsonl"] if num_eval else [])
+    for name in names:
+        common.refuse_overwrite(os.path.join(out, name), overwrite)
+    print(f"prepare_ultrafeedback: source={source} out={out} num_prompts={num_prompts} num_eval={num_eval} seed={seed}")
+    data = datasets.load_from_disk(source) if os.path.isdir(str(source)) else datasets.load_dataset(str(source))
+    for split in (train_split,) + ((eval_split,) if num_eval else ()):
+        if split not in data:
+            raise DiceError(f"{source}: no split {split!r} (has {', '.join(data)})")
+    rng = random.Random(seed)
+    train, skipped = to_pairs(data[train_split], train_split)
+    by_prompt = {}
+    for pair in train:  # one pair per prompt (the first)
+        by_prompt.setdefault(pair["prompt"], pair)
+    prompts = sorted(by_prompt)
+    if len(prompts) < num_prompts:
+        raise DiceError(f"{train_split} has {len(prompts)} distinct usable prompts, fewer than --num_prompts {num_prompts}")
+    chosen = rng.sample(prompts, num_prompts)
+    common.write_jsonl(os.path.join(out, "prompts.jsonl"), [{"prompt": p} for p in chosen])
+    common.write_jsonl(os.path.join(out, "preferences.jsonl"), [by_prompt[p] for p in chosen])
+    counts = dict(prompts=len(chosen), preferences=len(chosen), train_rows_skipped=skipped)
+    if num_eval:
+        held, eval_skipped = to_pairs(data[eval_split], eval_split)
+        in_rounds = set(chosen)
+        held = [p for p in held if p["prompt"] not in in_rounds]
+        if len(held) < num_eval:
+            raise DiceError(f"{eval_split} has {len(held)} usable pairs, fewer than --num_eval {num_eval}")
+        common.write_jsonl(os.path.join(out, "eval_preferences.jsonl"), rng.sample(held, num_eval))
+        counts.update(eval_preferences=num_eval, eval_rows_skipped=eval_skipped)
+    print(f"wrote {', '.join(names)} in {out}: {counts}")
+
+
+if __name__ == "__main__":
+    common.cli(main)
