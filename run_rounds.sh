@@ -37,6 +37,8 @@
 # `accelerate launch --num_processes N` (02 splits the work and writes one file). Training runs under `accelerate
 # launch` with ACCELERATE_CONFIG (DeepSpeed ZeRO-3 by default), GLOBAL_BATCH pairs per optimizer step whatever N is.
 set -euo pipefail
+{ # the whole script is one block: bash parses it before running it, so editing this file mid-run is safe
+
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 PRESET="${1:-configs/demo.env}"
@@ -93,7 +95,10 @@ log() { echo "[$(date -u +%H:%M:%S)] $*"; echo "[$(date -u +%FT%TZ)] $*" >>"$OUT
 [[ -n $SFT_MODEL ]] || die "SFT_MODEL is not set (use a preset such as configs/demo.env or set it)"
 [[ -n $PROMPTS ]] || die "PROMPTS is not set"
 [[ -n $DPO_MODEL || -n $OFFLINE_PREFS ]] || die "round 0 (no DPO_MODEL) needs OFFLINE_PREFS to train on"
-[[ $ROUNDS =~ ^[0-9]+$ ]] || die "ROUNDS must be a whole number, got '$ROUNDS'"
+for v in ROUNDS SEED BATCH_SIZE GLOBAL_BATCH TP_SIZE; do  # the settings this script does arithmetic with
+  [[ ${!v} =~ ^[0-9]+$ ]] || die "$v must be a whole number, got '${!v}'"
+done
+((BATCH_SIZE > 0 && GLOBAL_BATCH > 0 && TP_SIZE > 0)) || die "BATCH_SIZE, GLOBAL_BATCH and TP_SIZE must be positive"
 [[ $FORCE == 0 || $FORCE == 1 ]] || die "FORCE must be 0 or 1, got '$FORCE'"
 for f in "$PROMPTS" "$OFFLINE_PREFS" "$EVAL_PREFS"; do
   [[ -z $f || -e $f || $f != */*.* ]] || die "input file $f not found"
@@ -117,7 +122,6 @@ if [[ -z $NUM_GPUS ]]; then
   fi
 fi
 [[ $NUM_GPUS =~ ^[0-9]+$ ]] || die "NUM_GPUS must be a whole number, got '$NUM_GPUS'"
-[[ $TP_SIZE =~ ^[1-9][0-9]*$ ]] || die "TP_SIZE must be a positive whole number, got '$TP_SIZE'"
 ((${#GPU_IDS[@]} >= NUM_GPUS)) || GPU_IDS=($(seq 0 $((NUM_GPUS - 1))))
 if ((NUM_GPUS > 1)); then
   ((NUM_GPUS % TP_SIZE == 0)) || die "NUM_GPUS=$NUM_GPUS is not a multiple of TP_SIZE=$TP_SIZE"
@@ -429,3 +433,5 @@ done
 "$PYTHON" tools/report.py --out "$OUT" >"$OUT/report.log" 2>&1 || die "tools/report.py failed (see $OUT/report.log)"
 cat "$OUT/report.log"
 log "finished: final policy $POLICY; report $OUT/report.md"
+exit 0
+}
