@@ -370,6 +370,8 @@ eval_stage() {  # eval_stage POLICY REFERENCE INPUT_MARKERS...: implicit-reward 
 PREV_POLICY="$SFT_PATH"; PREV_MARK=()           # pi_{t-2} (pi_{-1} = the SFT model) and its done marker
 if [[ -n $DPO_PATH ]]; then
   POLICY="$DPO_PATH"; POLICY_MARK=()            # pi_{t-1}
+  T=0; ROUND_DIR="$OUT/round_0"
+  eval_stage "$POLICY" "$SFT_PATH"              # the starting point of the report: (pi_0, SFT) on EVAL_PREFS
 else
   T=0; ROUND_DIR="$OUT/round_0"
   train_stage "$SFT_PATH" "$OFFLINE_PREFS" "$ROUND_DIR/model" "$ROUND0_MAX_STEPS"
