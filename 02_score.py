@@ -1,0 +1,457 @@
+"""Stage 2 of DICE: score responses with the DPO implicit reward of (policy, reference).
+
+The paper (Chen et al., ICLR 2025, arXiv 2406.09760) ranks the K responses sampled for a prompt by the implicit reward
+of the current DPO model (DPO, Rafailov et al. 2023):
+
+    r(x, y) = beta * [ log pi(y|x) - log pi_ref(y|x) ]        log pi(y|x) = sum over the response tokens y_t of
+                                                              log pi(y_t | x, y_<t)
+
+Round 1 scores with (DPO model, its SFT model); round t > 1 with (model of round t-1, model of round t-2). beta is one
+constant factor for every response, and the paper's code leaves it out, so `rewards` stores the UNSCALED log-ratio
+policy_logps - reference_logps.
+
+Exactness: every log-prob is the one TRL 1.16's DPOTrainer computes for the conversational row
+prompt = [{"role": "user", "content": p}], chosen = [{"role": "assistant", "content": y}] (fp32: equal to within float
+noise, tests/test_score.py checks it against TRL itself). That is: the prompt is the chat template with the generation
+prompt (common.chat_prompt_ids), prompt+response is the whole conversation (the end-of-turn tokens belong to the
+response), the response starts where the two token lists first differ (earlier than the prompt's end when tokens merge
+across the boundary), prompt+response is cut to --max_length (--truncation_mode keep_start, TRL's default, or
+keep_end), and the sum runs through TRL's own fused LM head. Stage 4 reuses these numbers as the reference log-probs.
+In --pairs mode the split is TRL's min over chosen and rejected; in --responses mode each response has its own split
+(the same as TRL's for any pair of responses that split at the same place: all of them, unless a response starts with
+whitespace that merges with the prompt's last token; those are counted as `boundary_merges`).
+
+Input -> output (JSONL, one row per line; other fields are kept as they are):
+  --responses: 01's rows `prompt_id`, `prompt` (string or messages), `responses` (K strings), `finish_reasons` (K of
+      "stop"/"length"), `num_tokens`, `generator`  ->  plus `policy_logps` (K floats), `reference_logps` (K),
+      `rewards` (K, policy - reference, not scaled by beta), `valid` (K bools). A response is valid when its finish
+      reason is not "length" and --min_chars < len(response) < --max_chars (the paper code's 3 and 6700). Invalid
+      responses are still scored; `valid` says they must not be ranked.
+  --pairs: rows `prompt`, `chosen`, `rejected`  ->  plus `policy_chosen_logps`, `policy_rejected_logps`,
+      `reference_chosen_logps`, `reference_rejected_logps`, `chosen_reward`, `rejected_reward`; the implicit-reward
+      accuracy (share of pairs with chosen_reward > rejected_reward) is printed and saved in the done marker (and in
+      --summary if given).
+  Also OUT.done.json: the resolved arguments, counts and accuracy; written after OUT, which is written atomically.
+
+Bad input: a malformed row or field is an error naming file:line; a non-finite log-prob is an error (nothing is
+written: a NaN must never be ranked); responses cut by --max_length are scored as TRL cuts them and counted
+(`truncated`); a response whose prompt alone fills --max_length gets log-probs 0.0 (no token left), valid=false, and
+is counted (`prompt_too_long`; TRL drops such rows before training).
+
+Speed: one forward per sequence per model; the prompt is tokenized once per row; sequences are sorted by length and
+batched by a token budget (--batch_tokens, padded tokens) in chunks of --chunk_rows rows written as they finish, so
+memory stays flat for any number of rows. --dtype bfloat16 loads the weights in bf16 and runs under bf16 autocast
+(faster on GPUs and on CPUs with bf16 support; fp32 for exactness). Several processes split the batches of each chunk
+(the batches never depend on the number of processes) and write ONE output, identical to a single-process run:
+    accelerate launch --num_processes N 02_score.py ...     (GPUs; also `torchrun --nproc_per_node N 02_score.py ...`)
+    CUDA_VISIBLE_DEVICES= accelerate launch --multi_gpu --num_processes N 02_score.py ...   (N CPU processes, gloo;
+    accelerate 1.15's `launch --cpu --num_processes N` starts ONE process unless mpirun is set up)
+
+Smoke run (tiny offline models, seconds):
+    python tools/tiny_model.py --out /tmp/tiny_policy --seed 1 && python tools/tiny_model.py --out /tmp/tiny_ref --seed 2
+    python 02_score.py --policy /tmp/tiny_policy --reference /tmp/tiny_ref \
+        --pairs ../shared/data/gpt4_prefs_small.jsonl --out /tmp/scored_prefs.jsonl --max_length 512
+Full run (one 8-GPU node, round t):
+    accelerate launch --num_processes 8 02_score.py --policy runs/round1/model --reference runs/sft \
+        --responses runs/round1/responses.jsonl --out runs/round1/scores.jsonl --dtype bfloat16
+"""
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+
+import common
+from common import DiceError
+
+
+# ----------------------------------------------------------------------------- pure functions (tests import these)
+
+def is_valid(response, finish_reason, min_chars=3, max_chars=6700):
+    """The paper code's filter: not cut by the token limit and min_chars < characters < max_chars."""
+    return finish_reason != "length" and min_chars < len(response) < max_chars
+
+
+def common_prefix_length(a, b):
+    """Number of leading tokens `a` and `b` share (TRL's `common_prefix_length`)."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def conversation_ids(tokenizer, prompt, completions):
+    """Token ids of prompt+completion for each completion, as TRL tokenizes a conversational row: the whole
+    conversation through the chat template, no special tokens added again. One batched call for all completions."""
+    messages = common.to_messages(prompt)
+    convs = [messages + [{"role": "assistant", "content": c}] for c in completions]
+    out = tokenizer.apply_chat_template(convs, tokenize=True, return_dict=True)["input_ids"]
+    return [list(ids) for ids in out]
+
+
+def truncate(full_ids, start, max_length, truncation_mode="keep_start"):
+    """TRL's collator cut of prompt+completion to max_length. Returns (ids, completion_start, truncated), or None
+    when TRL drops the row (keep_start and the prompt part alone is >= max_length, so no completion token is left)."""
+    if max_length is None or len(full_ids) <= max_length:
+        return full_ids, start, False
+    if truncation_mode == "keep_start":
+        if start >= max_length:
+            return None
+        return full_ids[:max_length], start, True
+    offset = len(full_ids) - max_length  # keep_end
+    return full_ids[offset:], max(0, start - offset), True
+
+
+def make_batches(lengths, batch_tokens):
+    """Sort sequences by length (longest first) and cut them into batches whose padded size (batch size x longest
+    length) stays within batch_tokens; a sequence longer than the budget is a batch of its own. Returns index lists."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches, current = [], []
+    for i in order:
+        if current and (len(current) + 1) * lengths[current[0]] > batch_tokens:
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def assign_batches(batches, lengths, num_processes):
+    """Give each batch to the least-loaded process (padded tokens), longest first. The batches themselves never
+    depend on the number of processes, so every log-prob is computed in the same batch as in a single-process run."""
+    loads = [0] * num_processes
+    owner = []
+    for batch in batches:
+        rank = loads.index(min(loads))
+        loads[rank] += len(batch) * max(lengths[i] for i in batch)
+        owner.append(rank)
+    return owner
+
+
+def check_same_tokenizer(policy_tok, reference_tok, policy, reference):
+    """Policy and reference must read the same tokens: same vocabulary, special tokens and chat template."""
+    if policy_tok.get_vocab() != reference_tok.get_vocab():
+        raise DiceError(f"policy {policy} and reference {reference} have different vocabularies; they must share a tokenizer")
+    for name in ("bos_token", "eos_token"):
+        if getattr(policy_tok, name) != getattr(reference_tok, name):
+            raise DiceError(f"policy and reference tokenizers differ in {name} "
+                            f"({getattr(policy_tok, name)!r} vs {getattr(reference_tok, name)!r}); they must share a tokenizer")
+    if policy_tok.chat_template != reference_tok.chat_template:
+        raise DiceError(f"policy {policy} and reference {reference} have different chat templates; they must share a tokenizer")
+    if not policy_tok.chat_template:
+        raise DiceError(f"the tokenizer of {policy} has no chat template (scores are computed on chat conversations)")
+
+
+def check_row(row, where, mode):
+    """Raise a DiceError naming `where` (file:line) for a row that cannot be scored. Returns K (responses mode)."""
+    if "prompt" not in row:
+        raise DiceError(f"{where}: missing field 'prompt'")
+    common.to_messages(row["prompt"], where=where)
+    if mode == "pairs":
+        for key in ("chosen", "rejected"):
+            if key not in row:
+                raise DiceError(f"{where}: missing field '{key}'")
+            if not isinstance(row[key], str):
+                raise DiceError(f"{where}: '{key}' must be a string, got {type(row[key]).__name__}")
+        return 2
+    for key in ("responses", "finish_reasons"):
+        if key not in row:
+            raise DiceError(f"{where}: missing field '{key}'")
+        if not isinstance(row[key], list):
+            raise DiceError(f"{where}: '{key}' must be a list, got {type(row[key]).__name__}")
+    responses, reasons = row["responses"], row["finish_reasons"]
+    if not responses:
+        raise DiceError(f"{where}: 'responses' is empty")
+    if len(reasons) != len(responses):
+        raise DiceError(f"{where}: {len(responses)} responses but {len(reasons)} finish_reasons")
+    if "num_tokens" in row and (not isinstance(row["num_tokens"], list) or len(row["num_tokens"]) != len(responses)):
+        raise DiceError(f"{where}: 'num_tokens' must be a list of {len(responses)} ints")
+    for k, (r, f) in enumerate(zip(responses, reasons)):
+        if not isinstance(r, str):
+            raise DiceError(f"{where}: responses[{k}] must be a string, got {type(r).__name__}")
+        if not isinstance(f, str):
+            raise DiceError(f"{where}: finish_reasons[{k}] must be a string such as 'stop' or 'length', got {f!r}")
+    for key in ("policy_logps", "policy_chosen_logps"):
+        if key in row:
+            raise DiceError(f"{where}: the row already has '{key}' (is this a scored file?)")
+    return len(responses)
+
+
+def tokenize_row(tokenizer, row, mode, max_length, truncation_mode):
+    """The sequences of one row: a list (one per response, or [chosen, rejected]) of (ids, completion_start) after
+    TRL's truncation, or None where TRL would drop it; plus counts for the report."""
+    prompt_ids = common.chat_prompt_ids(tokenizer, row["prompt"])  # once per row, shared by its K responses
+    completions = [row["chosen"], row["rejected"]] if mode == "pairs" else row["responses"]
+    fulls = conversation_ids(tokenizer, row["prompt"], completions)
+    starts = [common_prefix_length(prompt_ids, ids) for ids in fulls]
+    counts = {"boundary_merges": sum(s < len(prompt_ids) for s in starts), "truncated": 0, "prompt_too_long": 0}
+    if mode == "pairs":  # TRL: the completion of both starts at the shorter common prefix
+        starts = [min(starts)] * 2
+    seqs = []
+    for ids, start in zip(fulls, starts):
+        cut = truncate(ids, start, max_length, truncation_mode)
+        if cut is None:
+            counts["prompt_too_long"] += 1
+            seqs.append(None)
+            continue
+        counts["truncated"] += cut[2]
+        seqs.append((cut[0], cut[1]))
+    return seqs, counts
+
+
+def batch_logps(model, seqs, pad_id, device, autocast_dtype=None):
+    """Summed completion log-probs of sequences [(ids, completion_start)], one forward, computed the way TRL's
+    DPOTrainer does (right padding, labels -100 outside the completion, TRL's fused LM head, sum over tokens)."""
+    import torch
+
+    width = max(len(ids) for ids, _ in seqs)
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    completion_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for b, (ids, start) in enumerate(seqs):
+        input_ids[b, : len(ids)] = torch.tensor(ids)
+        attention_mask[b, : len(ids)] = 1
+        completion_mask[b, start : len(ids)] = 1
+    input_ids, attention_mask, completion_mask = (t.to(device) for t in (input_ids, attention_mask, completion_mask))
+    labels = input_ids.masked_fill(completion_mask == 0, -100)
+    autocast = (torch.autocast(torch.device(device).type, dtype=autocast_dtype) if autocast_dtype is not None
+                else contextlib.nullcontext())
+    with torch.inference_mode(), autocast:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True, use_cache=False)
+        per_token = out.log_probs[:, -(width - 1):]
+        return per_token.sum(dim=1).float().cpu().tolist()
+
+
+def load_scorer(path, dtype, device, trust_remote_code):
+    """A model ready for batch_logps: safe loading (common.load_model) plus TRL's fused LM head."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    model = common.load_model(path, dtype=dtype, trust_remote_code=trust_remote_code, device=device)
+    add_fused_lm_head(model)
+    return model
+
+
+def chunks(path, mode, chunk_rows):
+    """Stream (line, row, K) in lists of chunk_rows rows (the rows were already checked)."""
+    chunk = []
+    for line, row in common.read_jsonl(path):
+        chunk.append((line, row))
+        if len(chunk) == chunk_rows:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def scored_row(row, mode, policy, reference, valid):
+    out = dict(row)
+    if mode == "pairs":
+        out["policy_chosen_logps"], out["policy_rejected_logps"] = policy
+        out["reference_chosen_logps"], out["reference_rejected_logps"] = reference
+        out["chosen_reward"] = policy[0] - reference[0]
+        out["rejected_reward"] = policy[1] - reference[1]
+    else:
+        out["policy_logps"] = policy
+        out["reference_logps"] = reference
+        out["rewards"] = [p - r for p, r in zip(policy, reference)]
+        out["valid"] = valid
+    return out
+
+
+# ----------------------------------------------------------------------------- the stage
+
+def main(
+    policy: str = None,  # the DPO model whose implicit reward ranks the responses (pi; round t: model t-1)
+    reference: str = None,  # its reference model (pi_ref; round 1: the SFT model, round t: model t-2)
+    responses: str = None,  # 01's responses.jsonl (score K responses per prompt) -- or --pairs, not both
+    pairs: str = None,  # preference pairs JSONL with prompt, chosen, rejected (scores + implicit-reward accuracy)
+    out: str = None,  # output JSONL (OUT.done.json is written after it)
+    max_length: int = 4096,  # TRL's max_length: prompt+response is cut to this many tokens (as DPOConfig.max_length)
+    truncation_mode: str = "keep_start",  # TRL's truncation_mode: keep_start (drop the end) or keep_end
+    min_chars: int = 3,  # a response with <= min_chars characters is invalid (paper code: 3)
+    max_chars: int = 6700,  # a response with >= max_chars characters is invalid (paper code: 6700)
+    dtype: str = "float32",  # float32 (exact, for checks) or bfloat16 (bf16 weights + autocast: fast)
+    batch_tokens: int = 4096,  # padded tokens per forward (batch size x longest sequence); lower it on OOM
+    chunk_rows: int = 256,  # rows tokenized, sorted, scored and written together (memory stays flat)
+    summary: str = None,  # optional JSON path for the summary (counts, accuracy in --pairs mode)
+    overwrite: bool = False,  # replace an existing finished output
+    trust_remote_code: bool = False,  # let transformers run code shipped with the model (off: safe default)
+):
+    import torch
+    from accelerate import PartialState
+
+    # several processes (torchrun / accelerate launch) form one group: gloo on CPUs, NCCL on GPUs
+    state = PartialState(cpu=not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true"))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and state.num_processes == 1:
+        raise DiceError(f"started as one of {os.environ['WORLD_SIZE']} processes that did not form a group; refusing "
+                        "to let each write the output (launch with accelerate launch --num_processes N or torchrun)")
+    say = print if state.is_main_process else (lambda *a, **k: None)
+
+    # ---- arguments (fire ignores type hints)
+    if policy is None or reference is None:
+        raise DiceError("--policy and --reference are required")
+    if (responses is None) == (pairs is None):
+        raise DiceError("give exactly one of --responses (01's output) or --pairs (prompt/chosen/rejected rows)")
+    if out is None:
+        raise DiceError("--out is required")
+    mode = "pairs" if pairs is not None else "responses"
+    path = str(pairs if pairs is not None else responses)
+    out = str(out)
+    max_length = common.as_int("max_length", max_length, minimum=2)
+    truncation_mode = common.as_choice("truncation_mode", truncation_mode, ["keep_start", "keep_end"])
+    min_chars = common.as_int("min_chars", min_chars, minimum=0)
+    max_chars = common.as_int("max_chars", max_chars, minimum=min_chars + 1)
+    dtype = common.as_choice("dtype", dtype, ["float32", "bfloat16"])
+    batch_tokens = common.as_int("batch_tokens", batch_tokens, minimum=1)
+    chunk_rows = common.as_int("chunk_rows", chunk_rows, minimum=1)
+    overwrite = common.as_bool("overwrite", overwrite)
+    trust_remote_code = common.as_bool("trust_remote_code", trust_remote_code)
+    args = dict(policy=str(policy), reference=str(reference), mode=mode, input=path, out=out, max_length=max_length,
+                truncation_mode=truncation_mode, min_chars=min_chars, max_chars=max_chars, dtype=dtype,
+                batch_tokens=batch_tokens, chunk_rows=chunk_rows, summary=summary, overwrite=overwrite,
+                trust_remote_code=trust_remote_code, num_processes=state.num_processes)
+    say("02_score " + json.dumps(args), flush=True)
+    if os.path.abspath(out) == os.path.abspath(path):
+        raise DiceError("--out must differ from the input file")
+    common.refuse_overwrite(out, overwrite)
+    if summary is not None:
+        common.refuse_overwrite(str(summary), overwrite)
+
+    # ---- check every row before any model work (file:line errors, nothing written)
+    num_rows = num_seqs = 0
+    for line, row in common.read_jsonl(path):
+        num_seqs += check_row(row, f"{path}:{line}", mode)
+        num_rows += 1
+    if num_rows == 0:
+        raise DiceError(f"{path} has no rows")
+
+    # ---- tokenizers must match before any model is loaded
+    tokenizer = common.load_tokenizer(policy, trust_remote_code)
+    check_same_tokenizer(tokenizer, common.load_tokenizer(reference, trust_remote_code), policy, reference)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id  # as TRL
+    pad_id = 0 if pad_id is None else pad_id  # padding is masked out; any id will do
+
+    device = state.device
+    autocast_dtype = torch.bfloat16 if dtype == "bfloat16" else None
+    models = [load_scorer(p, dtype, device, trust_remote_code) for p in (policy, reference)]
+    say(f"scoring {num_rows} rows ({num_seqs} sequences) of {path} with {state.num_processes} process(es) on {device}",
+        flush=True)
+
+    # ---- stream: tokenize a chunk, batch it by length, score (each process its share), write in input order
+    counts = {"rows": 0, "sequences": 0, "invalid": 0, "invalid_finish_length": 0, "invalid_chars": 0,
+              "truncated": 0, "prompt_too_long": 0, "boundary_merges": 0, "rows_with_split_mismatch": 0,
+              "forward_tokens": 0, "padded_tokens": 0, "completion_tokens": 0}
+    correct = ties = scored_pairs = 0
+    start_time = time.time()
+    writer = common.atomic_open(out) if state.is_main_process else contextlib.nullcontext()
+    with writer as f:
+        for chunk in chunks(path, mode, chunk_rows):
+            seqs, owners = [], []  # flat list of sequences of this chunk; (row index, slot) of each
+            row_seqs = []
+            for r, (line, row) in enumerate(chunk):
+                these, c = tokenize_row(tokenizer, row, mode, max_length, truncation_mode)
+                for key in ("truncated", "prompt_too_long", "boundary_merges"):
+                    counts[key] += c[key]
+                counts["rows_with_split_mismatch"] += 0 < c["boundary_merges"] < len(these)
+                row_seqs.append(these)
+                for k, s in enumerate(these):
+                    if s is not None:
+                        seqs.append(s)
+                        owners.append((r, k))
+            lengths = [len(ids) for ids, _ in seqs]
+            batches = make_batches(lengths, batch_tokens)
+            ranks = assign_batches(batches, lengths, state.num_processes)
+            mine = []
+            for batch, rank in zip(batches, ranks):
+                if rank != state.process_index:
+                    continue
+                group = [seqs[i] for i in batch]
+                logps = [batch_logps(m, group, pad_id, device, autocast_dtype) for m in models]
+                mine.extend(zip(batch, logps[0], logps[1]))
+            if state.num_processes > 1:
+                from accelerate.utils import gather_object
+
+                mine = gather_object(mine)
+            results = {i: (p, q) for i, p, q in mine}
+            if len(results) != len(seqs):
+                raise DiceError(f"internal error: {len(results)} of {len(seqs)} sequences came back")
+            for i, (p, q) in results.items():
+                if not (math.isfinite(p) and math.isfinite(q)):
+                    line = chunk[owners[i][0]][0]
+                    raise DiceError(f"{path}:{line}: non-finite log-prob (policy {p}, reference {q}) for sequence "
+                                    f"{owners[i][1]}; the model produced nan/inf (with --dtype bfloat16 try float32); "
+                                    f"nothing was written")
+            counts["forward_tokens"] += sum(lengths)
+            counts["padded_tokens"] += sum(len(b) * lengths[b[0]] for b in batches)
+            counts["completion_tokens"] += sum(len(ids) - max(start, 1) for ids, start in seqs)
+
+            lookup = {owners[i]: results[i] for i in range(len(seqs))}
+            for r, (line, row) in enumerate(chunk):
+                k_all = len(row_seqs[r])
+                pol = [lookup[(r, k)][0] if (r, k) in lookup else 0.0 for k in range(k_all)]
+                ref = [lookup[(r, k)][1] if (r, k) in lookup else 0.0 for k in range(k_all)]
+                valid = None
+                if mode == "responses":
+                    valid = []
+                    for k, (resp, reason) in enumerate(zip(row["responses"], row["finish_reasons"])):
+                        ok = is_valid(resp, reason, min_chars, max_chars) and row_seqs[r][k] is not None
+                        counts["invalid_finish_length"] += reason == "length"
+                        counts["invalid_chars"] += not (min_chars < len(resp) < max_chars)
+                        counts["invalid"] += not ok
+                        valid.append(ok)
+                elif row_seqs[r][0] is not None:
+                    scored_pairs += 1
+                    margin = (pol[0] - ref[0]) - (pol[1] - ref[1])
+                    correct += margin > 0
+                    ties += margin == 0
+                counts["rows"] += 1
+                counts["sequences"] += k_all
+                if f is not None:
+                    f.write(json.dumps(scored_row(row, mode, pol, ref, valid), ensure_ascii=False) + "\n")
+            elapsed = time.time() - start_time
+            say(f"  {counts['rows']}/{num_rows} rows, {counts['forward_tokens'] / max(elapsed, 1e-9):.0f} tokens/s",
+                flush=True)
+        if state.is_main_process and os.path.exists(common.done_marker(out)):
+            os.remove(common.done_marker(out))  # the old marker must not describe the new file
+
+    elapsed = time.time() - start_time
+    report = {"counts": counts, "seconds": round(elapsed, 3),
+              "tokens_per_second": round(counts["forward_tokens"] / max(elapsed, 1e-9), 1)}
+    if mode == "pairs":
+        report["accuracy"] = correct / scored_pairs if scored_pairs else None
+        report["scored_pairs"] = scored_pairs
+        report["ties"] = ties
+    if state.is_main_process:
+        import torch as _torch
+        import transformers
+        import trl
+
+        versions = {"torch": _torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__}
+        common.write_json(common.done_marker(out), {"args": args, **report, "versions": versions})
+        if summary is not None:
+            common.write_json(str(summary), {"args": args, **report})
+    state.wait_for_everyone()
+
+    say(f"wrote {out} ({counts['rows']} rows, {counts['sequences']} sequences) and {common.done_marker(out)}")
+    say("counts: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    if counts["truncated"] or counts["prompt_too_long"]:
+        say(f"note: {counts['truncated']} sequences were cut to --max_length {max_length} ({truncation_mode}) as TRL "
+            f"cuts them; {counts['prompt_too_long']} had a prompt of >= {max_length} tokens (scored 0.0, invalid)")
+    if mode == "responses":
+        say(f"valid responses: {counts['sequences'] - counts['invalid']} of {counts['sequences']} "
+            f"(finish_reason length: {counts['invalid_finish_length']}, outside {min_chars} < chars < {max_chars}: "
+            f"{counts['invalid_chars']})")
+    else:
+        acc = report["accuracy"]
+        say(f"implicit-reward accuracy: {acc:.4f} ({correct} of {scored_pairs} pairs with chosen_reward > "
+            f"rejected_reward; ties {ties})" if acc is not None else "implicit-reward accuracy: no pair was scored")
+    say(f"{elapsed:.1f} s, {report['tokens_per_second']} tokens/s ({dtype}, {state.num_processes} process(es))")
+    return None
+
+
+if __name__ == "__main__":
+    common.cli(main)

@@ -1,0 +1,391 @@
+"""02_score.py: the log-probs are TRL 1.16 DPOTrainer's own (computed by TRL in the test), the paper's validity rule,
+bad input, and one merged output from several processes."""
+import json
+import math
+import os
+import re
+import shutil
+import sys
+
+import pytest
+from conftest import ROOT, load_script, run_script
+
+score = load_script("02_score")
+DiceError = score.DiceError
+
+# A ChatML variant whose generation prompt ends in a space: the prompt's last token (" ") merges with a response that
+# starts with a letter (" reward" is one token), so the response starts before the prompt's end (as with Llama-2's
+# "[/INST] "); a response starting with "\n" does not merge.
+SPACE_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + ' ' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant ' }}{% endif %}"
+)
+
+PAIRS = [
+    {"prompt": "What is the capital of France?", "chosen": "Paris is the capital of France.", "rejected": "Bread."},
+    {"prompt": "Write a short poem about the sea.", "chosen": "The sea is blue, the sky is blue.\nThe fox is quick.",
+     "rejected": "A language model assigns a probability to every sequence.", "id": 7},
+    {"prompt": "List three uses of a paperclip.", "chosen": "1. hold paper 2. reset 3. pick a lock",
+     "rejected": "reward"},
+    {"prompt": "Explain why the sky is blue. " * 6, "chosen": "Light scatters.", "rejected": "Because it is."},
+    {"prompt": "Hello, how are you today?", "chosen": "\nFine, thank you.", "rejected": "reward is beta times the log ratio"},
+]
+
+
+def tol(x):  # tighter than the issue's 1e-3 + 1e-6*|logp|: on these tiny fp32 models TRL and 02 agree to float noise
+    return 1e-4 + 1e-6 * abs(x)
+
+
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return str(path)
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def with_template(src, dst, template):
+    shutil.copytree(src, dst)
+    with open(os.path.join(dst, "chat_template.jinja"), "w") as f:
+        f.write(template)
+    return str(dst)
+
+
+@pytest.fixture(scope="module")
+def space_models(tiny_policy, tiny_reference, tmp_path_factory):
+    base = tmp_path_factory.mktemp("space")
+    return (with_template(tiny_policy, base / "policy", SPACE_TEMPLATE),
+            with_template(tiny_reference, base / "reference", SPACE_TEMPLATE))
+
+
+def trl_logps(model_dir, rows, max_length, truncation_mode="keep_start"):
+    """TRL's own numbers: DPOTrainer with precompute_ref_log_probs=True and no ref_model computes the log-probs of
+    `model` itself for every conversational pair (fp32, bf16=False). Returns {row index: (chosen, rejected)}; rows
+    TRL drops are missing."""
+    import tempfile
+
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    ds = Dataset.from_list([
+        {"prompt": [{"role": "user", "content": r["prompt"]}], "chosen": [{"role": "assistant", "content": r["chosen"]}],
+         "rejected": [{"role": "assistant", "content": r["rejected"]}], "idx": i} for i, r in enumerate(rows)])
+    with tempfile.TemporaryDirectory() as d:
+        args = DPOConfig(output_dir=d, report_to="none", bf16=False, use_cpu=True, precompute_ref_log_probs=True,
+                         max_length=max_length, truncation_mode=truncation_mode, per_device_train_batch_size=2,
+                         remove_unused_columns=False)
+        trainer = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
+        return {r["idx"]: (r["ref_chosen_logps"], r["ref_rejected_logps"]) for r in trainer.train_dataset}
+
+
+def run_main(tmp_path, policy, reference, rows, mode="pairs", name="out.jsonl", **kw):
+    src = write_jsonl(tmp_path / f"in_{name}", rows)
+    out = str(tmp_path / name)
+    score.main(policy=policy, reference=reference, out=out, **{mode: src}, **kw)
+    return read_jsonl(out), json.load(open(out + ".done.json"))
+
+
+# ----------------------------------------------------------------------------- pure functions
+
+def test_is_valid_is_the_paper_filter():
+    # paper code: keep stop_reason != 'length' and 3 < len(response) < 6700
+    assert not score.is_valid("abc", "stop") and score.is_valid("abcd", "stop")
+    assert score.is_valid("x" * 6699, "stop") and not score.is_valid("x" * 6700, "stop")
+    assert not score.is_valid("a fine answer", "length")
+    assert not score.is_valid("abcdef", "stop", min_chars=6) and score.is_valid("abcdef", "stop", max_chars=7)
+
+
+def test_truncate_matches_trl_collator():
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    prompt, chosen, rejected = [1, 2, 3, 4], [5, 6, 7, 8, 9, 10], [11]
+    for mode in ("keep_start", "keep_end"):
+        batch = DataCollatorForPreference(pad_token_id=0, max_length=7, truncation_mode=mode)(
+            [{"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected}])
+        for b, completion in enumerate((chosen, rejected)):
+            ids, start, cut = score.truncate(prompt + completion, len(prompt), 7, mode)
+            n = len(ids)
+            assert batch["input_ids"][b, :n].tolist() == ids and batch["attention_mask"][b].sum() == n
+            assert batch["completion_mask"][b, :n].tolist() == [0] * start + [1] * (n - start)
+            assert cut == (len(prompt + completion) > 7)
+    assert score.truncate([1, 2, 3, 4, 5], 4, 4, "keep_start") is None  # prompt fills max_length: TRL drops the row
+    assert score.truncate([1, 2, 3, 4, 5], 4, 4, "keep_end") == ([2, 3, 4, 5], 3, True)
+
+
+def test_batches_cover_every_sequence_once_within_the_budget():
+    lengths = [5, 300, 17, 17, 120, 9, 64, 64, 64, 1000, 2]
+    batches = score.make_batches(lengths, 256)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for b in batches:
+        assert len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 256
+    flat = [lengths[i] for b in batches for i in b]
+    assert flat == sorted(lengths, reverse=True)  # sorted by length: little padding
+    owners = score.assign_batches(batches, lengths, 3)
+    assert set(owners) == {0, 1, 2} and score.assign_batches(batches, lengths, 1) == [0] * len(batches)
+
+
+def test_tokenization_is_trls(tiny_policy, space_models):
+    """Prompt/completion split and ids equal TRL's _prepare_dataset (including a merge across the boundary and a
+    dropped row), for both the tiny ChatML template and the space-ended one."""
+    from types import SimpleNamespace
+
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import DPOTrainer
+
+    merges = 0
+    for model_dir in (tiny_policy, space_models[0]):
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        ds = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}],
+                                 "chosen": [{"role": "assistant", "content": r["chosen"]}],
+                                 "rejected": [{"role": "assistant", "content": r["rejected"]}], "idx": i}
+                                for i, r in enumerate(PAIRS)])
+        args = SimpleNamespace(dataset_num_proc=None, max_length=40, truncation_mode="keep_start")
+        prepared = DPOTrainer._prepare_dataset(SimpleNamespace(_tokenizer=tok), ds, tok, args, "train")
+        trl_rows = {r["idx"]: r for r in prepared}
+        for i, row in enumerate(PAIRS):
+            seqs, counts = score.tokenize_row(tok, row, "pairs", None, "keep_start")
+            merges += counts["boundary_merges"]
+            (c_ids, c_start), (r_ids, r_start) = seqs
+            _, cut = score.tokenize_row(tok, row, "pairs", 40, "keep_start")
+            if i not in trl_rows:  # TRL dropped it: its prompt alone fills max_length
+                assert cut["prompt_too_long"] == 2
+                continue
+            t = trl_rows[i]
+            assert c_start == r_start == len(t["prompt_ids"])
+            assert c_ids == t["prompt_ids"] + t["chosen_ids"] and r_ids == t["prompt_ids"] + t["rejected_ids"]
+    assert merges > 0  # the merge case really happened
+
+
+# ----------------------------------------------------------------------------- log-probs equal TRL's
+
+@pytest.mark.parametrize("case", ["chatml", "merge", "truncate_keep_start", "truncate_keep_end"])
+def test_pairs_equal_trl(case, tiny_policy, tiny_reference, space_models, tmp_path):
+    policy, reference = space_models if case == "merge" else (tiny_policy, tiny_reference)
+    max_length = 40 if case.startswith("truncate") else 512
+    mode = "keep_end" if case.endswith("keep_end") else "keep_start"
+    rows, done = run_main(tmp_path, policy, reference, PAIRS, max_length=max_length, truncation_mode=mode,
+                          batch_tokens=64)
+    expect = {"policy": trl_logps(policy, PAIRS, max_length, mode), "reference": trl_logps(reference, PAIRS, max_length, mode)}
+    counts = done["counts"]
+    if case == "merge":
+        assert counts["boundary_merges"] > 0 and counts["rows_with_split_mismatch"] > 0
+    if case.startswith("truncate"):
+        assert counts["truncated"] > 0
+    if case == "truncate_keep_start":
+        assert counts["prompt_too_long"] == 2 and len(expect["policy"]) == len(PAIRS) - 1
+    correct = 0
+    for i, row in enumerate(rows):
+        assert {k: row[k] for k in PAIRS[i]} == PAIRS[i]  # input fields kept, order kept
+        if i not in expect["policy"]:
+            assert row["policy_chosen_logps"] == row["reference_rejected_logps"] == 0.0
+            continue
+        for who in ("policy", "reference"):
+            for j, side in enumerate(("chosen", "rejected")):
+                got, want = row[f"{who}_{side}_logps"], expect[who][i][j]
+                assert abs(got - want) <= tol(want), (case, i, who, side, got, want)
+        assert row["chosen_reward"] == row["policy_chosen_logps"] - row["reference_chosen_logps"]
+        correct += row["chosen_reward"] > row["rejected_reward"]
+    assert done["accuracy"] == correct / len(expect["policy"])
+
+
+def responses_rows():
+    resp = [["Paris is the capital of France.", "Bread.", "The sky is blue."],
+            ["A poem: the sea is blue.", "no", "Direct preference optimization trains a policy."],
+            ["\nWhat is the capital of France?", "reward", "Give me a recipe for pancakes: flour, milk, eggs."]]
+    reasons = [["stop", "stop", "length"], ["stop", "stop", "stop"], ["stop", "stop", "stop"]]
+    return [{"prompt_id": f"p{i}", "prompt": p, "responses": r, "finish_reasons": f, "num_tokens": [1] * 3,
+             "generator": "tiny"}
+            for i, (p, r, f) in enumerate(zip(["What is the capital of France?", "Write a short poem about the sea.",
+                                               "Hello, how are you today?"], resp, reasons))]
+
+
+@pytest.mark.parametrize("template", ["chatml", "space"])
+def test_responses_equal_trl(template, tiny_policy, tiny_reference, space_models, tmp_path):
+    policy, reference = space_models if template == "space" else (tiny_policy, tiny_reference)
+    rows_in = responses_rows()
+    rows, done = run_main(tmp_path, policy, reference, rows_in, mode="responses", chunk_rows=2, batch_tokens=50)
+    # every response as the chosen side of a TRL pair with a partner that splits where it does (TRL's split of a pair
+    # is the shorter common prefix of the tokenized prompt and each prompt+response)
+    from transformers import AutoTokenizer
+    from trl.data_utils import common_prefix_length
+
+    tok = AutoTokenizer.from_pretrained(policy)
+    pairs, where, merges, mismatched = [], [], 0, 0
+    for i, r in enumerate(rows_in):
+        prompt = [{"role": "user", "content": r["prompt"]}]
+        prompt_ids = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)
+        splits = [common_prefix_length(prompt_ids["input_ids"], tok.apply_chat_template(
+            prompt + [{"role": "assistant", "content": x}], tokenize=True, return_dict=True)["input_ids"])
+            for x in r["responses"]]
+        merges += sum(s < len(prompt_ids["input_ids"]) for s in splits)
+        mismatched += len(set(splits)) > 1
+        for k, resp in enumerate(r["responses"]):
+            partner = [x for x, s in zip(r["responses"], splits) if s == splits[k] and x != resp] or [resp]
+            pairs.append({"prompt": r["prompt"], "chosen": resp, "rejected": partner[0]})
+            where.append((i, k))
+    expect = {"policy": trl_logps(policy, pairs, 4096), "reference": trl_logps(reference, pairs, 4096)}
+    for j, (i, k) in enumerate(where):
+        for who in ("policy", "reference"):
+            got, want = rows[i][f"{who}_logps"][k], expect[who][j][0]
+            assert abs(got - want) <= tol(want), (template, i, k, who, got, want)
+    for row, row_in in zip(rows, rows_in):
+        assert {k: row[k] for k in row_in} == row_in
+        assert row["rewards"] == [p - q for p, q in zip(row["policy_logps"], row["reference_logps"])]
+    assert [r["valid"] for r in rows] == [[True, True, False], [True, False, True], [True, True, True]]
+    assert done["counts"]["invalid"] == 2 and done["counts"]["invalid_finish_length"] == 1
+    assert (done["counts"]["boundary_merges"], done["counts"]["rows_with_split_mismatch"]) == (merges, mismatched)
+    if template == "space":  # responses whose first word is a " word" token merge with the prompt's final " "
+        assert merges > 0 and mismatched > 0
+    else:
+        assert merges == 0
+
+
+def test_batching_and_chunking_do_not_change_scores(tiny_policy, tiny_reference, tmp_path):
+    rows_in = responses_rows() * 3
+    a, _ = run_main(tmp_path, tiny_policy, tiny_reference, rows_in, mode="responses", name="a.jsonl",
+                    chunk_rows=1, batch_tokens=1)
+    b, _ = run_main(tmp_path, tiny_policy, tiny_reference, rows_in, mode="responses", name="b.jsonl")
+    assert len(a) == len(b) == 9
+    for x, y in zip(a, b):
+        assert x["prompt_id"] == y["prompt_id"] and x["valid"] == y["valid"]
+        for key in ("policy_logps", "reference_logps"):
+            assert all(abs(p - q) <= tol(q) for p, q in zip(x[key], y[key]))
+
+
+def test_bfloat16_runs_close_to_float32(tiny_policy, tiny_reference, tmp_path):
+    a, _ = run_main(tmp_path, tiny_policy, tiny_reference, PAIRS, name="f32.jsonl")
+    b, done = run_main(tmp_path, tiny_policy, tiny_reference, PAIRS, name="bf16.jsonl", dtype="bfloat16")
+    assert done["args"]["dtype"] == "bfloat16"
+    for x, y in zip(a, b):
+        for key in ("policy_chosen_logps", "reference_rejected_logps"):
+            assert x[key] != y[key] and abs(x[key] - y[key]) <= 0.02 * abs(x[key]) + 1.0
+
+
+# ----------------------------------------------------------------------------- bad input
+
+GOOD = {"prompt_id": "a", "prompt": "Hi?", "responses": ["Hello there.", "Hi."], "finish_reasons": ["stop", "stop"]}
+
+
+@pytest.mark.parametrize("row,message", [
+    ("{not json", "bad JSON"),
+    ({"responses": ["a"], "finish_reasons": ["stop"]}, "missing field 'prompt'"),
+    ({"prompt": "Hi?", "finish_reasons": ["stop"]}, "missing field 'responses'"),
+    ({**GOOD, "finish_reasons": ["stop"]}, "2 responses but 1 finish_reasons"),
+    ({**GOOD, "responses": ["ok", 3]}, "responses[1] must be a string"),
+    ({**GOOD, "responses": []}, "'responses' is empty"),
+    ({**GOOD, "prompt": ""}, "empty prompt"),
+    ({**GOOD, "policy_logps": [0.0, 0.0]}, "already has 'policy_logps'"),
+])
+def test_bad_rows_are_errors_naming_file_and_line(row, message, tiny_policy, tiny_reference, tmp_path):
+    src = tmp_path / "responses.jsonl"
+    src.write_text(json.dumps(GOOD) + "\n" + (row if isinstance(row, str) else json.dumps(row)) + "\n")
+    with pytest.raises(DiceError, match=re.escape(f"{src}:2: ") + ".*" + re.escape(message)):
+        score.main(policy=tiny_policy, reference=tiny_reference, responses=str(src), out=str(tmp_path / "o.jsonl"))
+    assert os.listdir(tmp_path) == ["responses.jsonl"]  # nothing written
+
+
+def test_pairs_need_chosen_and_rejected(tiny_policy, tiny_reference, tmp_path):
+    src = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hi?", "chosen": "Hello."}])
+    with pytest.raises(DiceError, match=r"p.jsonl:1: missing field 'rejected'"):
+        score.main(policy=tiny_policy, reference=tiny_reference, pairs=src, out=str(tmp_path / "o.jsonl"))
+
+
+def test_models_must_exist_and_share_a_tokenizer(tiny_policy, tiny_reference, space_models, tmp_path):
+    src = write_jsonl(tmp_path / "r.jsonl", [GOOD])
+    out = str(tmp_path / "o.jsonl")
+    with pytest.raises(DiceError, match="model not found: /nonexistent/model"):
+        score.main(policy="/nonexistent/model", reference=tiny_reference, responses=src, out=out)
+    with pytest.raises(DiceError, match="different chat templates"):
+        score.main(policy=tiny_policy, reference=space_models[1], responses=src, out=out)
+    with pytest.raises(DiceError, match="exactly one of --responses"):
+        score.main(policy=tiny_policy, reference=tiny_reference, responses=src, pairs=src, out=out)
+    with pytest.raises(DiceError, match="--dtype must be one of float32, bfloat16"):
+        score.main(policy=tiny_policy, reference=tiny_reference, responses=src, out=out, dtype="fp16")
+    assert not os.path.exists(out)
+
+
+def test_nan_logps_are_an_error_and_nothing_is_written(tiny_policy, tiny_reference, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    broken = str(tmp_path / "broken")
+    shutil.copytree(tiny_reference, broken)
+    weights = load_file(os.path.join(broken, "model.safetensors"))
+    weights["model.norm.weight"][:] = float("nan")
+    save_file(weights, os.path.join(broken, "model.safetensors"), metadata={"format": "pt"})
+    src = write_jsonl(tmp_path / "r.jsonl", [GOOD, GOOD])
+    out = tmp_path / "o.jsonl"
+    with pytest.raises(DiceError, match=r"r.jsonl:1: non-finite log-prob"):
+        score.main(policy=tiny_policy, reference=broken, responses=src, out=str(out))
+    assert sorted(os.listdir(tmp_path)) == ["broken", "r.jsonl"]
+
+
+def test_cli_one_line_error_and_no_silent_overwrite(tiny_policy, tiny_reference, tmp_path):
+    src = write_jsonl(tmp_path / "r.jsonl", [GOOD])
+    out = str(tmp_path / "scores.jsonl")
+    cmd = ["python", "02_score.py", "--policy", tiny_policy, "--reference", tiny_reference, "--responses", src,
+           "--out", out]
+    first = run_script(cmd)
+    assert "valid responses: 1 of 2" in first.stdout  # "Hi." has 3 characters and f"wrote {out}" in first.stdout
+    before = open(out).read()
+    again = run_script(cmd, check=False)
+    assert again.returncode == 2 and again.stderr.strip().splitlines() == [
+        f"error: {out} already exists; pass --overwrite to replace it"]
+    assert open(out).read() == before
+    bad = write_jsonl(tmp_path / "bad.jsonl", [GOOD, {**GOOD, "finish_reasons": ["stop"]}])
+    proc = run_script(cmd[:6] + [bad, "--out", str(tmp_path / "x.jsonl")], check=False)
+    assert proc.returncode == 2 and proc.stderr.strip() == f"error: {bad}:2: 2 responses but 1 finish_reasons"
+    assert not os.path.exists(tmp_path / "x.jsonl")
+    redo = run_script(cmd + ["--overwrite"])
+    assert "wrote" in redo.stdout and json.load(open(out + ".done.json"))["args"]["overwrite"] is True
+
+
+# ----------------------------------------------------------------------------- several processes, real model
+
+@pytest.mark.slow
+def test_accelerate_two_processes_write_the_single_process_output(tiny_policy, tiny_reference, tmp_path):
+    src = write_jsonl(tmp_path / "r.jsonl", responses_rows() * 4)
+    common_args = ["02_score.py", "--policy", tiny_policy, "--reference", tiny_reference, "--responses", src,
+                   "--chunk_rows", "5", "--batch_tokens", "60"]
+    # the same kernels in both runs; no GPU: accelerate 1.15's `launch --cpu --num_processes 2` starts ONE process
+    # without mpirun, while `--multi_gpu` on a machine without CUDA starts 2 through torchrun, joined by gloo
+    env = {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    run_script(["python"] + common_args + ["--out", str(tmp_path / "one.jsonl")], env=env)
+    two = run_script(["python", "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+                     + common_args + ["--out", str(tmp_path / "two.jsonl")], env=env)
+    assert "with 2 process(es)" in two.stdout and two.stdout.count("wrote ") == 1  # one writer
+    assert json.load(open(tmp_path / "two.jsonl.done.json"))["args"]["num_processes"] == 2
+    assert open(tmp_path / "two.jsonl").read() == open(tmp_path / "one.jsonl").read()
+    assert sorted(os.listdir(tmp_path)) == ["one.jsonl", "one.jsonl.done.json", "r.jsonl", "two.jsonl",
+                                            "two.jsonl.done.json"]
+
+
+@pytest.mark.slow
+def test_smollm2_real_pairs_equal_trl(smollm2, shared_data, tmp_path):
+    """SmolLM2-135M, fp32, real GPT-4-judged pairs (one whose response starts with whitespace that merges with the
+    prompt's last token): |02 - TRL| <= 1e-3 + 1e-6*|logp| for every sequence."""
+    with open(os.path.join(shared_data, "gpt4_prefs_small.jsonl")) as f:
+        rows = [json.loads(line) for _, line in zip(range(5), f)]
+    with open(os.path.join(shared_data, "gpt4_prefs_train.jsonl")) as f:
+        merging = [json.loads(line) for line in f]
+    merging = [r for r in merging if re.match(r"\s\s", r["chosen"]) or re.match(r"\s\s", r["rejected"])]
+    rows.append(min(merging, key=lambda r: len(r["prompt"] + r["chosen"] + r["rejected"])))
+    rows = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows]
+    out, done = run_main(tmp_path, smollm2, smollm2, rows, batch_tokens=2048)
+    assert done["counts"]["boundary_merges"] >= 1 and done["counts"]["rows_with_split_mismatch"] >= 1
+    expect = trl_logps(smollm2, rows, 4096)
+    assert len(expect) == len(rows)
+    for i, row in enumerate(out):
+        for j, side in enumerate(("chosen", "rejected")):
+            want = expect[i][j]
+            for who in ("policy", "reference"):
+                got = row[f"{who}_{side}_logps"]
+                assert math.isfinite(got) and abs(got - want) <= 1e-3 + 1e-6 * abs(want), (i, side, who, got, want)
