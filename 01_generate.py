@@ -298,6 +298,20 @@ class VLLMEngine:
         return results
 
 
+def end_token_ids(model, tokenizer):
+    """The ids that end a response: the tokenizer's EOS and generation_config.json's eos_token_id(s) (Llama-3 Instruct
+    ends turns with <|eot_id|>, listed only there). vLLM runs with generation_config="vllm", so both engines stop on
+    exactly these plus --stop_token_ids."""
+    from transformers import GenerationConfig
+
+    ids = {tokenizer.eos_token_id} - {None}
+    try:
+        eos = GenerationConfig.from_pretrained(common.check_model_path(model)).eos_token_id
+    except (OSError, ValueError):  # no generation_config.json
+        eos = None
+    return ids | set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+
+
 def resolve_engine(engine):
     if engine != "auto":
         return engine
@@ -367,7 +381,7 @@ def main(
     top_p = common.as_float("top_p", top_p, minimum=1e-6, maximum=1.0)
     max_new_tokens = common.as_int("max_new_tokens", max_new_tokens, minimum=1)
     seed = common.as_int("seed", seed, minimum=0)
-    engine = resolve_engine(common.as_choice("engine", engine, ("auto", "vllm", "hf")))
+    engine = common.as_choice("engine", engine, ("auto", "vllm", "hf"))
     limit = None if limit is None else common.as_int("limit", limit, minimum=1)
     stop_token_ids = common.as_int_list("stop_token_ids", stop_token_ids)
     num_shards = common.as_int("num_shards", num_shards, minimum=1)
@@ -376,8 +390,7 @@ def main(
         raise DiceError(f"--shard must be < --num_shards ({num_shards}), got {shard}")
     tensor_parallel_size = common.as_int("tensor_parallel_size", tensor_parallel_size, minimum=1)
     gpu_memory_utilization = common.as_float("gpu_memory_utilization", gpu_memory_utilization, minimum=0.01, maximum=1.0)
-    default_batch = 256 if engine == "vllm" else max(1, 16 // num_samples)
-    batch_size = default_batch if batch_size is None else common.as_int("batch_size", batch_size, minimum=1)
+    batch_size = None if batch_size is None else common.as_int("batch_size", batch_size, minimum=1)
     dtype = common.as_choice("dtype", dtype, ("auto", "float32", "bfloat16", "float16"))
     format = common.as_choice("format", format, ("dice", "alpaca_eval"))
     overwrite = common.as_bool("overwrite", overwrite)
@@ -403,6 +416,11 @@ def main(
     print(f"prompts: {counts['rows_read']} rows, {counts['duplicates_dropped']} duplicates dropped, "
           f"{counts['distinct_prompts']} distinct, {len(items)} in shard {shard}/{num_shards} "
           f"(field {counts['prompt_field']!r})")
+    if engine == "auto":  # resolved only now: it imports torch, and bad input should fail fast
+        engine = args["engine"] = resolve_engine(engine)
+        print(f"engine: {engine} (auto: vllm needs a CUDA GPU and vllm)")
+    if batch_size is None:
+        batch_size = args["batch_size"] = 256 if engine == "vllm" else max(1, 16 // num_samples)
 
     # -- resume: the partial file must come from the same settings
     partial, partial_args = out + ".partial", out + ".partial.json"
@@ -426,9 +444,10 @@ def main(
 
     # -- tokenize (THE prompt format), cap each prompt's new tokens by the context length
     tokenizer = common.load_tokenizer(model, trust_remote_code=trust_remote_code)
-    if tokenizer.eos_token_id is None and not stop_token_ids:
-        raise DiceError(f"{model}: the tokenizer has no EOS token; pass --stop_token_ids")
-    stop_ids = sorted(set(stop_token_ids) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()))
+    stop_ids = sorted(set(stop_token_ids) | end_token_ids(model, tokenizer))
+    if not stop_ids:
+        raise DiceError(f"{model}: neither the tokenizer nor generation_config.json names an EOS token; "
+                        "pass --stop_token_ids")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     ctx = context_length(model, trust_remote_code)
     work, too_long = [], 0

