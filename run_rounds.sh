@@ -87,6 +87,7 @@ source "$PRESET"
 : "${ACCELERATE_ARGS:=}"             # extra `accelerate launch` flags (multi-node: --num_machines, --machine_rank...)
 : "${PYTHON:=python}"
 : "${FORCE:=0}"                      # 1: redo stages whose settings changed instead of refusing
+: "${STOP_AFTER:=}"                  # e.g. round_1/pairs: stop once that stage is finished (to inspect or debug it)
 : "${NUM_GPUS:=}"
 
 die() { echo "error: $*" >&2; [[ -d ${OUT:-/nonexistent} ]] && echo "error: $*" >>"$OUT/run.log"; exit 1; }
@@ -188,7 +189,9 @@ stage_begin() {  # returns 0 when the stage must run now, 1 when it finished bef
               for m in "${STAGE_FILES[@]}"; do if [[ -f $m ]]; then sha256sum <"$m"; fi; done; } | sha256sum | cut -c1-16)
   if [[ -f $CUR_DONE ]]; then
     old=$(json_field "$CUR_DONE" key)
-    if [[ $old == "$CUR_KEY" ]]; then log "skip   $(basename "$dir")/$name (finished before with the same settings)"; return 1; fi
+    if [[ $old == "$CUR_KEY" ]]; then
+      log "skip   $(basename "$dir")/$name (finished before with the same settings)"; check_stop; return 1
+    fi
     [[ $FORCE == 1 ]] || die "$(basename "$dir")/$name finished before with other settings (see $CUR_DONE for its commands). Rerun with FORCE=1 to redo it and what depends on it, or use another OUT."
     log "FORCE  $(basename "$dir")/$name: settings changed, redoing it"
     rm -f "$CUR_DONE" "$CUR_STARTED"; rm -rf "${STAGE_CLEAN[@]}" "${STAGE_RESUMABLE[@]}"
@@ -217,6 +220,11 @@ stage_end() {
   write_marker "$CUR_DONE" "$CUR_KEY" done
   rm -f "$CUR_STARTED"
   log "done   $(basename "$CUR_DIR")/$CUR_STAGE ($((SECONDS - ${STAGE_T0:-$SECONDS})) s)"
+  check_stop
+}
+
+check_stop() {
+  if [[ $STOP_AFTER == "$(basename "$CUR_DIR")/$CUR_STAGE" ]]; then log "stop   after $STOP_AFTER (STOP_AFTER)"; exit 0; fi
 }
 
 on_signal() {  # stop our workers, then exit (kill -9 cannot be caught: the next run resumes instead)
