@@ -404,7 +404,7 @@ for ((T = 1; T <= ROUNDS; T++)); do
     stage_end
   fi
 
-  # --- 2. score: r(x, y) = log pi_{t-1}(y|x) - log pi_{t-2}(y|x) for every response (Eq. 2 without beta)
+  # --- 2. score: r(x, y) = log pi_{t-1}(y|x) - log pi_{t-2}(y|x) for every response (implicit reward, no beta)
   STAGE_INPUTS=("${POLICY_MARK[@]}" "${PREV_MARK[@]}" "$ROUND_DIR/stages/generate.done.json"); STAGE_FILES=()
   score_stage score responses "$ROUND_DIR/responses.jsonl" "$ROUND_DIR/scores.jsonl" "$POLICY" "$PREV_POLICY"
 
