@@ -116,14 +116,18 @@ def split_eval(rows, eval_size, seed):
     return [r for i, r in enumerate(rows) if i not in held_out], [r for i, r in enumerate(rows) if i in held_out]
 
 
-def to_dataset(rows, reuse_ref_logps):
-    """A datasets.Dataset of the rows; the reference columns only where they will be used."""
-    from datasets import Dataset
+def to_dataset(rows, reuse_ref_logps, folder):
+    """The rows as a datasets.Dataset saved in `folder` and loaded back; the reference columns only where they will be
+    used. On disk, not in memory: TRL's precompute caches its results beside the dataset's files and every process
+    reads them there (an in-memory dataset's cache lives in a per-process temporary folder the others cannot see)."""
+    from datasets import Dataset, load_from_disk
 
     keep = ["prompt", "chosen", "rejected"]
     if reuse_ref_logps and any(r[REF_COLUMNS[0]] is not None for r in rows):
         keep += list(REF_COLUMNS)
-    return Dataset.from_list([{k: r[k] for k in keep} for r in rows])
+    if not os.path.exists(folder):  # written by the main process first; the others load it
+        Dataset.from_list([{k: r[k] for k in keep} for r in rows]).save_to_disk(folder)
+    return load_from_disk(folder)
 
 
 # ----------------------------------------------------------------------------- DPOConfig pass-through
@@ -401,6 +405,7 @@ def main(
     }
     say("04_train_dpo: " + json.dumps(args, default=str))
 
+    import torch
     from trl import DPOConfig
 
     config = dict(
@@ -412,6 +417,8 @@ def main(
         bf16=bf16, seed=seed, precompute_ref_log_probs=precompute or uses_supplied,
         trust_remote_code=trust_remote_code, report_to="none",
     )
+    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        config["use_cpu"] = True  # several CPU processes (torchrun/accelerate): accelerate joins them (gloo) only so
     config.update(options)
     try:
         dpo_config = DPOConfig(**config)
@@ -449,13 +456,19 @@ def main(
         for key in ("prompt", "chosen", "rejected"):
             say(f"  {key}: {example[key][-1]['content'][:200]!r}")
 
+    data = os.path.join(work, "data")
+    with dpo_config.main_process_first(local=False, desc="datasets"):
+        if is_main:
+            shutil.rmtree(data, ignore_errors=True)
+        train_dataset = to_dataset(train_rows, reuse_ref_logps, os.path.join(data, "train"))
+        eval_dataset = to_dataset(eval_rows, reuse_ref_logps, os.path.join(data, "eval")) if eval_rows else None
     t0 = time.time()
     trainer = DiceDPOTrainer(
         model=policy,
         ref_model=reference,
         args=dpo_config,
-        train_dataset=to_dataset(train_rows, reuse_ref_logps),
-        eval_dataset=to_dataset(eval_rows, reuse_ref_logps) if eval_rows else None,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
         processing_class=tokenizer,
     )
     prepare_seconds = time.time() - t0
@@ -497,6 +510,7 @@ def main(
         record = {
             "args": args, "counts": counts, "reference_logps": reference_logps,
             "reference_model_in_memory": trainer.ref_model is not None, "resumed_from": checkpoint,
+            "processes": trainer.accelerator.num_processes,
             "prepare_seconds": round(prepare_seconds, 3), "train_runtime": result.metrics.get("train_runtime"),
             "train_loss": result.metrics.get("train_loss"), "global_step": trainer.state.global_step,
             "pairs_sha256": fixed["pairs_sha256"], "versions": {"trl": trl.__version__, "transformers": transformers.__version__},

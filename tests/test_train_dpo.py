@@ -374,7 +374,9 @@ def test_cli_errors_are_one_line_and_write_nothing(tiny_policy, pairs, tmp_path)
 
 @pytest.mark.slow
 def test_accelerate_launch_two_cpu_processes(tiny_policy, pairs, tmp_path):
-    """(e) the multi-process path: `accelerate launch --cpu --num_processes 2` (DDP on gloo), mixed supplied rows."""
+    """(e) the multi-process path: 2 CPU processes under `accelerate launch` (DDP on gloo), mixed supplied rows, so
+    TRL's precompute of the missing rows runs across processes too. (accelerate 1.15's `launch --cpu --num_processes 2`
+    starts one process without mpirun, hence configs/accelerate/cpu_2proc.yaml, whose torchrun launcher starts two.)"""
     _, _, rows = pairs
     mixed = [dict(r) for r in rows]
     for r in mixed[::2]:
@@ -385,15 +387,16 @@ def test_accelerate_launch_two_cpu_processes(tiny_policy, pairs, tmp_path):
     proc = run_script(["accelerate", "launch", "--config_file", "configs/accelerate/cpu_2proc.yaml",
                        "--main_process_port", port, "04_train_dpo.py", "--model", tiny_policy, "--pairs", path,
                        "--out", out, "--max_steps", "2", "--warmup_steps", "0", "--eval_size", "2", "--eval_steps", "1",
-                       "--logging_steps", "1", "--learning_rate", "1e-3", "--gradient_checkpointing", "False"])
+                       "--logging_steps", "1", "--learning_rate", "1e-3", "--gradient_checkpointing", "False"],
+                      env={"CUDA_VISIBLE_DEVICES": ""})
     assert f"wrote {out}" in proc.stdout
     with open(out / "dice_train.json") as f:
         record = json.load(f)
-    assert record["global_step"] == 2
+    assert record["global_step"] == 2 and record["processes"] == 2
     assert record["reference_logps"]["train"]["supplied"] + record["reference_logps"]["train"]["computed"] == 8
     assert record["reference_logps"]["train"]["computed"] >= 1
     first = train_logs([json.loads(line) for line in open(out / "metrics.jsonl")])[0]
-    assert abs(first["loss"] - LOG2) < 1e-5  # 2 processes x 1 pair, both at log 2
+    assert abs(first["loss"] - LOG2) < 1e-5  # 2 processes x 2 pairs, all at log 2
     assert os.path.exists(out / "model.safetensors") and not os.path.exists(f"{out}.work")
 
 
@@ -407,7 +410,8 @@ def test_accelerate_configs_are_valid():
     assert zero3.deepspeed_config["zero_stage"] == 3 and zero3.mixed_precision == "bf16"
     assert configs["deepspeed_zero3_multinode.yaml"].num_machines == 2
     assert configs["single_gpu.yaml"].num_processes == 1
-    assert configs["cpu_2proc.yaml"].use_cpu and configs["cpu_2proc.yaml"].num_processes == 2
+    cpu = configs["cpu_2proc.yaml"]  # the torchrun launcher: the only one that starts 2 CPU processes without mpirun
+    assert (cpu.distributed_type, cpu.num_processes, cpu.mixed_precision) == ("MULTI_GPU", 2, "no")
 
 
 VLLM_CHECK = """
