@@ -135,13 +135,7 @@ def read_offline(path):
     rows = []
     for line, row in common.read_jsonl(path):
         where = f"{path}:{line}"
-        for field in ("prompt", "chosen", "rejected"):
-            if field not in row:
-                raise DiceError(f"{where}: missing field '{field}' (offline pairs need prompt, chosen, rejected)")
-        common.to_messages(row["prompt"], where)
-        for field in ("chosen", "rejected"):
-            if not isinstance(row[field], str):
-                raise DiceError(f"{where}: '{field}' must be a string")
+        common.check_pair(row, where)
         extra = {}
         for src, dst in (("policy_chosen_logps", "ref_chosen_logps"), ("policy_rejected_logps", "ref_rejected_logps"),
                          ("chosen_reward", "chosen_reward"), ("rejected_reward", "rejected_reward")):

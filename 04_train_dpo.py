@@ -76,12 +76,7 @@ def read_pairs(path):
     rows = []
     for line, row in common.read_jsonl(path):
         where = f"{path}:{line}"
-        for key in ("prompt", "chosen", "rejected"):
-            if key not in row:
-                raise DiceError(f"{where}: missing field {key!r} (a pair needs prompt, chosen and rejected)")
-        for key in ("chosen", "rejected"):
-            if not isinstance(row[key], str):
-                raise DiceError(f"{where}: {key!r} must be a string, got {type(row[key]).__name__}")
+        messages = common.check_pair(row, where)
         ref = [row.get(key) for key in REF_COLUMNS]
         for key, value in zip(REF_COLUMNS, ref):
             if value is not None and (
@@ -91,7 +86,7 @@ def read_pairs(path):
         if None in ref:  # one value without the other cannot be used: both get computed
             ref = [None, None]
         rows.append({
-            "prompt": common.to_messages(row["prompt"], where),
+            "prompt": messages,
             "chosen": [{"role": "assistant", "content": row["chosen"]}],
             "rejected": [{"role": "assistant", "content": row["rejected"]}],
             REF_COLUMNS[0]: None if ref[0] is None else float(ref[0]),

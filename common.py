@@ -167,6 +167,18 @@ def to_messages(prompt, where="prompt"):
     raise DiceError(f"{where}: a prompt must be a non-empty string or a list of {{role, content}} messages")
 
 
+def check_pair(row, where):
+    """A preference pair: `prompt` (string or messages) and `chosen`/`rejected` strings; returns the prompt messages.
+    Anything else is a DiceError naming `where` (file:line)."""
+    for key in ("prompt", "chosen", "rejected"):
+        if key not in row:
+            raise DiceError(f"{where}: missing field '{key}' (a pair needs prompt, chosen and rejected)")
+    for key in ("chosen", "rejected"):
+        if not isinstance(row[key], str):
+            raise DiceError(f"{where}: '{key}' must be a string, got {type(row[key]).__name__}")
+    return to_messages(row["prompt"], where)
+
+
 def prompt_id(prompt):
     """Stable id of a prompt: sha256 of its text (or of its messages as canonical JSON), 16 hex digits."""
     text = prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True, ensure_ascii=False)
