@@ -16,7 +16,8 @@ noise, tests/test_score.py checks it against TRL itself). That is: the prompt is
 prompt (common.chat_prompt_ids), prompt+response is the whole conversation (the end-of-turn tokens belong to the
 response), the response starts where the two token lists first differ (earlier than the prompt's end when tokens merge
 across the boundary), prompt+response is cut to --max_length (--truncation_mode keep_start, TRL's default, or
-keep_end), and the sum runs through TRL's own fused LM head. Stage 4 reuses these numbers as the reference log-probs.
+keep_end), and the sum runs through TRL's own fused LM head (on its completion-positions-only path, which TRL takes on
+GPUs, on every device). Stage 4 reuses these numbers as the reference log-probs.
 In --pairs mode the split is TRL's min over chosen and rejected; in --responses mode each response has its own split
 (the same as TRL's for any pair of responses that split at the same place: all of them, unless a response starts with
 whitespace that merges with the prompt's last token; those are counted as `boundary_merges`).
@@ -39,8 +40,8 @@ written: a NaN must never be ranked); responses cut by --max_length are scored a
 is counted (`prompt_too_long`; TRL drops such rows before training).
 
 Speed: one forward per sequence per model; the prompt is tokenized once per row; sequences are sorted by length and
-batched by a token budget (--batch_tokens, padded tokens) in chunks of --chunk_rows rows written as they finish, so
-memory stays flat for any number of rows. --dtype bfloat16 loads the weights in bf16 and runs under bf16 autocast
+batched by a token budget (--batch_tokens, padded tokens; on CPUs one sequence per forward is fastest, measured) in
+chunks of --chunk_rows rows written as they finish, so memory stays flat for any number of rows. --dtype bfloat16 loads the weights in bf16 and runs under bf16 autocast
 (faster on GPUs and on CPUs with bf16 support; fp32 for exactness). Several processes split the batches of each chunk
 (the batches never depend on the number of processes) and write ONE output, identical to a single-process run:
     accelerate launch --num_processes N 02_score.py ...     (GPUs; also `torchrun --nproc_per_node N 02_score.py ...`)
@@ -203,6 +204,25 @@ def tokenize_row(tokenizer, row, mode, max_length, truncation_mode):
     return seqs, counts
 
 
+@contextlib.contextmanager
+def completion_positions_only():
+    """TRL's fused LM head projects only the completion positions where Triton runs (GPUs) and every position
+    elsewhere, masking afterwards. Ask for the former on every device: the same per-token log-probs up to float
+    rounding (the tests compare with TRL's own CPU path), about 10% faster on CPUs when most tokens are prompt. If
+    the private switch moves in another TRL version, TRL's own choice stays (slower, equally exact)."""
+    import trl.trainer.utils as trl_utils
+
+    original = getattr(trl_utils, "_use_triton", None)
+    if original is None:
+        yield
+        return
+    trl_utils._use_triton = lambda device: True
+    try:
+        yield
+    finally:
+        trl_utils._use_triton = original
+
+
 def batch_logps(model, seqs, pad_id, device, autocast_dtype=None):
     """Summed completion log-probs of sequences [(ids, completion_start)], one forward, computed the way TRL's
     DPOTrainer does (right padding, labels -100 outside the completion, TRL's fused LM head, sum over tokens)."""
@@ -220,7 +240,7 @@ def batch_logps(model, seqs, pad_id, device, autocast_dtype=None):
     labels = input_ids.masked_fill(completion_mask == 0, -100)
     autocast = (torch.autocast(torch.device(device).type, dtype=autocast_dtype) if autocast_dtype is not None
                 else contextlib.nullcontext())
-    with torch.inference_mode(), autocast:
+    with torch.inference_mode(), autocast, completion_positions_only():
         out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True, use_cache=False)
         per_token = out.log_probs[:, -(width - 1):]
         return per_token.sum(dim=1).float().cpu().tolist()
@@ -275,7 +295,8 @@ def main(
     min_chars: int = 3,  # a response with <= min_chars characters is invalid (paper code: 3)
     max_chars: int = 6700,  # a response with >= max_chars characters is invalid (paper code: 6700)
     dtype: str = "float32",  # float32 (exact, for checks) or bfloat16 (bf16 weights + autocast: fast)
-    batch_tokens: int = 4096,  # padded tokens per forward (batch size x longest sequence); lower it on OOM
+    batch_tokens: int = None,  # padded tokens per forward (batch x longest); default 16384 on GPUs, 1 on CPUs (one
+    #                            sequence per forward: on CPUs batching does not pay and padding costs); lower on OOM
     chunk_rows: int = 256,  # rows tokenized, sorted, scored and written together (memory stays flat)
     summary: str = None,  # optional JSON path for the summary (counts, accuracy in --pairs mode)
     overwrite: bool = False,  # replace an existing finished output
@@ -306,6 +327,8 @@ def main(
     min_chars = common.as_int("min_chars", min_chars, minimum=0)
     max_chars = common.as_int("max_chars", max_chars, minimum=min_chars + 1)
     dtype = common.as_choice("dtype", dtype, ["float32", "bfloat16"])
+    if batch_tokens is None:
+        batch_tokens = 16384 if state.device.type == "cuda" else 1
     batch_tokens = common.as_int("batch_tokens", batch_tokens, minimum=1)
     chunk_rows = common.as_int("chunk_rows", chunk_rows, minimum=1)
     overwrite = common.as_bool("overwrite", overwrite)
@@ -426,11 +449,10 @@ def main(
         report["scored_pairs"] = scored_pairs
         report["ties"] = ties
     if state.is_main_process:
-        import torch as _torch
         import transformers
         import trl
 
-        versions = {"torch": _torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__}
+        versions = {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__}
         common.write_json(common.done_marker(out), {"args": args, **report, "versions": versions})
         if summary is not None:
             common.write_json(str(summary), {"args": args, **report})

@@ -120,6 +120,15 @@ def test_truncate_matches_trl_collator():
     assert score.truncate([1, 2, 3, 4, 5], 4, 4, "keep_end") == ([2, 3, 4, 5], 3, True)
 
 
+def test_completion_positions_switch_is_scoped():
+    import torch
+    import trl.trainer.utils
+
+    with score.completion_positions_only():  # the private switch exists in the pinned TRL, so the fast path is taken
+        assert trl.trainer.utils._use_triton(torch.device("cpu")) is True
+    assert trl.trainer.utils._use_triton(torch.device("cpu")) is False
+
+
 def test_batches_cover_every_sequence_once_within_the_budget():
     lengths = [5, 300, 17, 17, 120, 9, 64, 64, 64, 1000, 2]
     batches = score.make_batches(lengths, 256)
@@ -174,6 +183,11 @@ def test_pairs_equal_trl(case, tiny_policy, tiny_reference, space_models, tmp_pa
     mode = "keep_end" if case.endswith("keep_end") else "keep_start"
     rows, done = run_main(tmp_path, policy, reference, PAIRS, max_length=max_length, truncation_mode=mode,
                           batch_tokens=64)
+    import torch
+    import trl.trainer.utils
+
+    # 02 scored on TRL's completion-positions-only path and gave the switch back: TRL below runs its own CPU path
+    assert trl.trainer.utils._use_triton(torch.device("cpu")) is False
     expect = {"policy": trl_logps(policy, PAIRS, max_length, mode), "reference": trl_logps(reference, PAIRS, max_length, mode)}
     counts = done["counts"]
     if case == "merge":
@@ -253,7 +267,8 @@ def test_batching_and_chunking_do_not_change_scores(tiny_policy, tiny_reference,
     rows_in = responses_rows() * 3
     a, _ = run_main(tmp_path, tiny_policy, tiny_reference, rows_in, mode="responses", name="a.jsonl",
                     chunk_rows=1, batch_tokens=1)
-    b, _ = run_main(tmp_path, tiny_policy, tiny_reference, rows_in, mode="responses", name="b.jsonl")
+    b, _ = run_main(tmp_path, tiny_policy, tiny_reference, rows_in, mode="responses", name="b.jsonl",
+                    batch_tokens=4096)  # padded batches of several sequences
     assert len(a) == len(b) == 9
     for x, y in zip(a, b):
         assert x["prompt_id"] == y["prompt_id"] and x["valid"] == y["valid"]
@@ -383,9 +398,12 @@ def test_smollm2_real_pairs_equal_trl(smollm2, shared_data, tmp_path):
     assert done["counts"]["boundary_merges"] >= 1 and done["counts"]["rows_with_split_mismatch"] >= 1
     expect = trl_logps(smollm2, rows, 4096)
     assert len(expect) == len(rows)
+    worst = 0.0
     for i, row in enumerate(out):
         for j, side in enumerate(("chosen", "rejected")):
             want = expect[i][j]
             for who in ("policy", "reference"):
                 got = row[f"{who}_{side}_logps"]
                 assert math.isfinite(got) and abs(got - want) <= 1e-3 + 1e-6 * abs(want), (i, side, who, got, want)
+                worst = max(worst, abs(got - want))
+    print(f"SmolLM2 fp32, {2 * len(rows)} sequences: max |02 - TRL| = {worst:.3g}")
