@@ -149,16 +149,12 @@ def check_same_tokenizer(policy_tok, reference_tok, policy, reference):
 
 def check_row(row, where, mode):
     """Raise a DiceError naming `where` (file:line) for a row that cannot be scored. Returns K (responses mode)."""
+    if mode == "pairs":
+        common.check_pair(row, where)
+        return 2
     if "prompt" not in row:
         raise DiceError(f"{where}: missing field 'prompt'")
     common.to_messages(row["prompt"], where=where)
-    if mode == "pairs":
-        for key in ("chosen", "rejected"):
-            if key not in row:
-                raise DiceError(f"{where}: missing field '{key}'")
-            if not isinstance(row[key], str):
-                raise DiceError(f"{where}: '{key}' must be a string, got {type(row[key]).__name__}")
-        return 2
     for key in ("responses", "finish_reasons"):
         if key not in row:
             raise DiceError(f"{where}: missing field '{key}'")
