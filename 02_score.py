@@ -20,12 +20,14 @@ keep_end), and the sum runs through TRL's own fused LM head (on its completion-p
 GPUs, on every device). Stage 4 reuses these numbers as the reference log-probs.
 In --pairs mode the split is TRL's min over chosen and rejected; in --responses mode each response has its own split
 (the same as TRL's for any pair of responses that split at the same place: all of them, unless a response starts with
-whitespace that merges with the prompt's last token; those are counted as `boundary_merges`).
+whitespace that merges with the prompt's last token; those are counted as `boundary_merges`). Each row records the
+splits as `completion_starts`; 03 passes reference log-probs to stage 4 only for pairs whose two splits agree.
 
 Input -> output (JSONL, one row per line; other fields are kept as they are):
   --responses: 01's rows `prompt_id`, `prompt` (string or messages), `responses` (K strings), `finish_reasons` (K of
       "stop"/"length"), `num_tokens`, `generator`  ->  plus `policy_logps` (K floats), `reference_logps` (K),
-      `rewards` (K, policy - reference, not scaled by beta), `valid` (K bools). A response is valid when its finish
+      `rewards` (K, policy - reference, not scaled by beta), `valid` (K bools), `completion_starts` (K ints: the
+      token where each response starts in the tokenized conversation). A response is valid when its finish
       reason is not "length" and --min_chars < len(response) < --max_chars (the paper code's 3 and 6700). Invalid
       responses are still scored; `valid` says they must not be ranked.
   --pairs: rows `prompt`, `chosen`, `rejected`  ->  plus `policy_chosen_logps`, `policy_rejected_logps`,
@@ -179,7 +181,8 @@ def check_row(row, where, mode):
 
 def tokenize_row(tokenizer, row, mode, max_length, truncation_mode):
     """The sequences of one row: a list (one per response, or [chosen, rejected]) of (ids, completion_start) after
-    TRL's truncation, or None where TRL would drop it; plus counts for the report."""
+    TRL's truncation, or None where TRL would drop it; the untruncated completion starts (one per response; in pairs
+    mode TRL's min of the two); plus counts for the report."""
     prompt_ids = common.chat_prompt_ids(tokenizer, row["prompt"])  # once per row, shared by its K responses
     completions = [row["chosen"], row["rejected"]] if mode == "pairs" else row["responses"]
     fulls = conversation_ids(tokenizer, row["prompt"], completions)
@@ -196,7 +199,7 @@ def tokenize_row(tokenizer, row, mode, max_length, truncation_mode):
             continue
         counts["truncated"] += cut[2]
         seqs.append((cut[0], cut[1]))
-    return seqs, counts
+    return seqs, starts, counts
 
 
 @contextlib.contextmanager
@@ -262,7 +265,7 @@ def chunks(path, mode, chunk_rows):
         yield chunk
 
 
-def scored_row(row, mode, policy, reference, valid):
+def scored_row(row, mode, policy, reference, valid, starts=None):
     out = dict(row)
     if mode == "pairs":
         out["policy_chosen_logps"], out["policy_rejected_logps"] = policy
@@ -274,6 +277,7 @@ def scored_row(row, mode, policy, reference, valid):
         out["reference_logps"] = reference
         out["rewards"] = [p - r for p, r in zip(policy, reference)]
         out["valid"] = valid
+        out["completion_starts"] = starts
     return out
 
 
@@ -369,13 +373,14 @@ def main(
     with writer as f:
         for chunk in chunks(path, mode, chunk_rows):
             seqs, owners = [], []  # flat list of sequences of this chunk; (row index, slot) of each
-            row_seqs = []
+            row_seqs, row_starts = [], []
             for r, (line, row) in enumerate(chunk):
-                these, c = tokenize_row(tokenizer, row, mode, max_length, truncation_mode)
+                these, starts, c = tokenize_row(tokenizer, row, mode, max_length, truncation_mode)
                 for key in ("truncated", "prompt_too_long", "boundary_merges"):
                     counts[key] += c[key]
                 counts["rows_with_split_mismatch"] += 0 < c["boundary_merges"] < len(these)
                 row_seqs.append(these)
+                row_starts.append(starts)
                 for k, s in enumerate(these):
                     if s is not None:
                         seqs.append(s)
@@ -429,7 +434,7 @@ def main(
                 counts["rows"] += 1
                 counts["sequences"] += k_all
                 if f is not None:
-                    f.write(json.dumps(scored_row(row, mode, pol, ref, valid), ensure_ascii=False) + "\n")
+                    f.write(json.dumps(scored_row(row, mode, pol, ref, valid, row_starts[r]), ensure_ascii=False) + "\n")
             elapsed = time.time() - start_time
             say(f"  {counts['rows']}/{num_rows} rows, {counts['forward_tokens'] / max(elapsed, 1e-9):.0f} tokens/s",
                 flush=True)

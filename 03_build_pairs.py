@@ -26,14 +26,16 @@ Exact rules, all decided here and tested in tests/test_build_pairs.py:
   - duplicate prompts (same common.prompt_id) keep their first row; the others are counted and dropped.
   - chosen_reward/rejected_reward are the unshaped implicit rewards r (02's `rewards`); ref_chosen_logps /
     ref_rejected_logps are 02's `policy_logps` of the two responses (the next round's reference model is this very
-    policy, so stage 4 needs no reference forward); null when the scores file has no `policy_logps`.
+    policy, so stage 4 needs no reference forward); null when the scores file has no `policy_logps`, and null when
+    02's `completion_starts` of the two differ (a token merged across the prompt/response boundary in one of them:
+    TRL splits the pair at the earlier start, so stage 4 computes these itself; counted as n_pairs_split_mismatch).
   - replay sampling uses numpy.random.default_rng(--seed); the final rows (generated + offline) are shuffled with the
     same generator, so the file order is random but reproducible. Offline prompts are compared by common.prompt_id.
 
 Input (02_score.py --responses): scores.jsonl, one row per prompt: `prompt` (string or messages list), `responses` (K
 strings), `rewards` (K numbers, policy - reference), `valid` (K booleans), optional `policy_logps` (K numbers),
-`prompt_id`; other fields (`finish_reasons`, `num_tokens`, `reference_logps`, `generator`) must have K entries when
-present and are otherwise ignored.
+`completion_starts` (K ints) and `prompt_id`; other fields (`finish_reasons`, `num_tokens`, `reference_logps`) must
+have K entries when present and are otherwise ignored.
 Offline input (--offline): rows `prompt`, `chosen`, `rejected`, optionally 02_score.py --pairs' `policy_chosen_logps`,
 `policy_rejected_logps` (-> ref_chosen_logps, ref_rejected_logps), `chosen_reward`, `rejected_reward`.
 Output, in --out_dir, each file written atomically:
@@ -102,7 +104,8 @@ def read_scores(path):
         if not isinstance(responses, list) or not all(isinstance(r, str) for r in responses):
             raise DiceError(f"{where}: 'responses' must be a list of strings")
         k = len(responses)
-        for field in ("rewards", "valid", "policy_logps", "reference_logps", "finish_reasons", "num_tokens"):
+        for field in ("rewards", "valid", "policy_logps", "reference_logps", "finish_reasons", "num_tokens",
+                      "completion_starts"):
             if field in row and (not isinstance(row[field], list) or len(row[field]) != k):
                 n = len(row[field]) if isinstance(row[field], list) else "not a list"
                 raise DiceError(f"{where}: '{field}' has {n} values but 'responses' has {k}")
@@ -115,6 +118,9 @@ def read_scores(path):
         if logps is not None:
             logps = _numbers(logps, f"{where}: policy_logps")
             finite &= np.isfinite(logps)
+        starts = row.get("completion_starts")
+        if starts is not None and not all(isinstance(v, int) and not isinstance(v, bool) for v in starts):
+            raise DiceError(f"{where}: 'completion_starts' must be a list of ints")
         counts["n_responses"] += k
         counts["n_responses_invalid"] += int((~valid).sum())
         counts["n_responses_nonfinite"] += int((valid & ~finite).sum())
@@ -124,7 +130,8 @@ def read_scores(path):
             continue
         seen.add(key)
         records.append(dict(prompt_id=row.get("prompt_id", key), key=key, prompt=row["prompt"], responses=responses,
-                            rewards=rewards, usable=valid & finite, policy_logps=logps))
+                            rewards=rewards, usable=valid & finite, policy_logps=logps,
+                            completion_starts=starts))
     if counts["n_rows"] == 0:
         raise DiceError(f"{path}: no rows")
     return records, counts
@@ -369,9 +376,15 @@ def main(
 
     # generated pairs (scoring policy's log-probs become the next round's reference log-probs)
     gen_rows = []
+    counts["n_pairs_split_mismatch"] = 0
     for i in np.flatnonzero(keep):
         rec, c, r = records[i], int(chosen[i]), int(rejected[i])
-        logps = rec["policy_logps"]
+        logps, starts = rec["policy_logps"], rec["completion_starts"]
+        if starts is not None and starts[c] != starts[r]:
+            # TRL splits a pair at the earlier of the two starts, so 02's per-response log-probs are not the ones
+            # stage 4 would compute for this pair: leave them to stage 4 (null)
+            counts["n_pairs_split_mismatch"] += 1
+            logps = None
         gen_rows.append(dict(prompt_id=rec["prompt_id"], prompt=rec["prompt"], chosen=rec["responses"][c],
                              rejected=rec["responses"][r], chosen_reward=float(rec["rewards"][c]),
                              rejected_reward=float(rec["rewards"][r]), source="generated",

@@ -53,7 +53,7 @@ def sequences(tokenizer, rows):
     score = common_script()
     out = []
     for row in rows:
-        seqs, _ = score.tokenize_row(tokenizer, row, "responses", 4096, "keep_start")
+        seqs, _, _ = score.tokenize_row(tokenizer, row, "responses", 4096, "keep_start")
         out.extend(seqs)
     return out
 

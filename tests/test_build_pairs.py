@@ -165,6 +165,17 @@ def test_nonfinite_rewards_are_counted_never_ranked(tmp_path):
     assert pairs[0]["ref_chosen_logps"] == -1.0  # no policy_logps in p's row is fine; q has them
 
 
+def test_pairs_whose_responses_split_differently_leave_reference_logps_to_stage_4(tmp_path):
+    # 02's completion_starts: "b" starts one token earlier (its first token merged with the prompt's last one). TRL
+    # splits a pair at the earlier start, so 02's per-response log-probs of such a pair are not TRL's: null, counted.
+    rows = [srow("p", ["a", "b", "c"], [0.0, 2.0, -2.0], logps=[-10.0, -11.0, -12.0], completion_starts=[7, 6, 7]),
+            srow("q", ["a", "b", "c"], [0.0, 2.0, -2.0], logps=[-10.0, -11.0, -12.0], completion_starts=[7, 6, 6])]
+    pairs, stats = build(tmp_path, rows, min_valid=2, alpha=0)
+    got = {p["prompt"]: (p["chosen"], p["rejected"], p["ref_chosen_logps"], p["ref_rejected_logps"]) for p in pairs}
+    assert got == {"p": ("b", "c", None, None), "q": ("b", "c", -11.0, -12.0)}
+    assert stats["counts"]["n_pairs_split_mismatch"] == 1 and stats["counts"]["n_pairs_with_ref_logps"] == 1
+
+
 def test_missing_policy_logps_give_null_reference_logps(tmp_path):
     row = srow("p", ["a", "b"], [1.0, 0.0])
     del row["policy_logps"]
@@ -404,6 +415,8 @@ def test_same_seed_same_output_other_seed_other_selection(tmp_path):
     ([json.dumps({**srow("p", ["a", "b"], [1.0, 0.0]), "finish_reasons": ["stop"]})], "'finish_reasons' has 1"),
     ([json.dumps(srow("p", ["a", "b"], [1.0, "high"]))], r"s.jsonl:1: rewards\[1\]: expected a number"),
     ([json.dumps(srow("p", ["a", "b"], [1.0, 0.0], valid=[1, 0]))], "'valid' must be a list of true/false"),
+    ([json.dumps(srow("p", ["a", "b"], [1.0, 0.0], completion_starts=[3]))], "'completion_starts' has 1 values"),
+    ([json.dumps(srow("p", ["a", "b"], [1.0, 0.0], completion_starts=[3, 2.5]))], "'completion_starts' must be a list"),
     ([json.dumps({k: v for k, v in srow("p", ["a"], [1.0]).items() if k != "rewards"})], "missing field 'rewards'"),
     ([json.dumps(srow("", ["a", "b"], [1.0, 0.0]))], "s.jsonl:1: empty prompt"),
     ([""], "s.jsonl: no rows"),

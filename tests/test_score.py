@@ -5,10 +5,9 @@ import math
 import os
 import re
 import shutil
-import sys
 
 import pytest
-from conftest import ROOT, load_script, run_script
+from conftest import load_script, run_script
 
 score = load_script("02_score")
 DiceError = score.DiceError
@@ -161,15 +160,15 @@ def test_tokenization_is_trls(tiny_policy, space_models):
         prepared = DPOTrainer._prepare_dataset(SimpleNamespace(_tokenizer=tok), ds, tok, args, "train")
         trl_rows = {r["idx"]: r for r in prepared}
         for i, row in enumerate(PAIRS):
-            seqs, counts = score.tokenize_row(tok, row, "pairs", None, "keep_start")
+            seqs, starts, counts = score.tokenize_row(tok, row, "pairs", None, "keep_start")
             merges += counts["boundary_merges"]
             (c_ids, c_start), (r_ids, r_start) = seqs
-            _, cut = score.tokenize_row(tok, row, "pairs", 40, "keep_start")
+            _, _, cut = score.tokenize_row(tok, row, "pairs", 40, "keep_start")
             if i not in trl_rows:  # TRL dropped it: its prompt alone fills max_length
                 assert cut["prompt_too_long"] == 2
                 continue
             t = trl_rows[i]
-            assert c_start == r_start == len(t["prompt_ids"])
+            assert c_start == r_start == starts[0] == starts[1] == len(t["prompt_ids"])
             assert c_ids == t["prompt_ids"] + t["chosen_ids"] and r_ids == t["prompt_ids"] + t["rejected_ids"]
     assert merges > 0  # the merge case really happened
 
@@ -233,7 +232,7 @@ def test_responses_equal_trl(template, tiny_policy, tiny_reference, space_models
     from trl.data_utils import common_prefix_length
 
     tok = AutoTokenizer.from_pretrained(policy)
-    pairs, where, merges, mismatched = [], [], 0, 0
+    pairs, where, merges, mismatched, all_splits, split_pairs = [], [], 0, 0, [], []
     for i, r in enumerate(rows_in):
         prompt = [{"role": "user", "content": r["prompt"]}]
         prompt_ids = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)
@@ -242,6 +241,12 @@ def test_responses_equal_trl(template, tiny_policy, tiny_reference, space_models
             for x in r["responses"]]
         merges += sum(s < len(prompt_ids["input_ids"]) for s in splits)
         mismatched += len(set(splits)) > 1
+        all_splits.append(splits)
+        late = [k for k, s in enumerate(splits) if s == max(splits)]
+        early = [k for k, s in enumerate(splits) if s < max(splits)]
+        if early:  # a pair whose two responses split at different tokens: TRL splits both at the earlier one
+            split_pairs.append((i, late[0], {"prompt": r["prompt"], "chosen": r["responses"][late[0]],
+                                             "rejected": r["responses"][early[0]]}))
         for k, resp in enumerate(r["responses"]):
             partner = [x for x, s in zip(r["responses"], splits) if s == splits[k] and x != resp] or [resp]
             pairs.append({"prompt": r["prompt"], "chosen": resp, "rejected": partner[0]})
@@ -251,6 +256,11 @@ def test_responses_equal_trl(template, tiny_policy, tiny_reference, space_models
         for who in ("policy", "reference"):
             got, want = rows[i][f"{who}_logps"][k], expect[who][j][0]
             assert abs(got - want) <= tol(want), (template, i, k, who, got, want)
+    assert [r["completion_starts"] for r in rows] == all_splits
+    if split_pairs:  # why 03 leaves such pairs' reference log-probs to stage 4: TRL's value is another number
+        trl_split = trl_logps(policy, [p for _, _, p in split_pairs], 4096)
+        for j, (i, k, _) in enumerate(split_pairs):
+            assert abs(rows[i]["policy_logps"][k] - trl_split[j][0]) > 1e-3
     for row, row_in in zip(rows, rows_in):
         assert {k: row[k] for k in row_in} == row_in
         assert row["rewards"] == [p - q for p, q in zip(row["policy_logps"], row["reference_logps"])]
