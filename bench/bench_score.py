@@ -1,7 +1,7 @@
 """Benchmark of 02_score.py: tokens/s on the same tokens, one run, side by side, SmolLM2-135M-Instruct.
 
     python bench/bench_score.py                                             # fp32, 12 prompts, 2 rounds (~4 min)
-    python bench/bench_score.py --prompts 12 --dtypes float32,bfloat16 --rounds 2   # the README table (~10 min)
+    python bench/bench_score.py --prompts 48 --dtypes float32,bfloat16 --rounds 2   # the README table (~20 min)
 
 Same tokens for every method: the first --prompts prompts of ../shared/data/gpt4_prefs_small.jsonl, each with K=2
 responses (its chosen and rejected answers, as 01 would have sampled them), scored by a policy and a reference (both

@@ -433,3 +433,45 @@ def test_a_moved_run_folder_is_still_recognised(tmp_path):
     proc = run_loop(moved, check=False, ROUNDS="0", EVAL_PREFS="", ROUND0_MAX_STEPS="0")
     assert "resume round_0/train" in proc.stdout  # same key: an unfinished run with the same settings
     assert json.loads((moved / "round_0" / "stages" / "train.started.json").read_text())["key"] == key
+
+
+# ----------------------------------------------------------------------------- the demo preset with the real model (slow)
+
+@pytest.mark.slow
+def test_demo_preset_runs_with_smollm2_scaled_down(smollm2, tmp_path):
+    """The default preset as a user runs it, on the real SmolLM2-135M-Instruct, made small (6 prompts, 1 round, 2 steps,
+    20 offline pairs): round 0 trains pi_0, round 1 samples, scores, builds pairs and trains pi_1 with the generated
+    pairs' reference log-probs supplied by stage 2 and only the replayed pairs' computed by stage 4 (SCORE_OFFLINE=0).
+    About 3 minutes on 2 CPU cores; the full demo (16.5 min) is measured in the README."""
+    offline, held_out = tmp_path / "prefs.jsonl", tmp_path / "eval.jsonl"
+    offline.write_text("".join(open(os.path.join(ROOT, "data/demo/preferences.jsonl")).readlines()[:20]))
+    held_out.write_text("".join(open(os.path.join(ROOT, "data/demo/eval_preferences.jsonl")).readlines()[:6]))
+    out = tmp_path / "out"
+    run_loop(out, preset="configs/demo.env", SFT_MODEL=smollm2, ROUNDS="1", PROMPT_LIMIT="6",
+             OFFLINE_PREFS=str(offline), EVAL_PREFS=str(held_out), ROUND0_MAX_STEPS="2", MAX_STEPS="2", GEN_ARGS="")
+    pi0, pi1 = out / "round_0" / "model", out / "round_1" / "model"
+    gen, = _commands(out / "round_1" / "logs" / "generate.log")
+    assert f"--model {pi0} " in gen and "--max_new_tokens 128 " in gen and "--num_samples 4 " in gen
+    score, = _commands(out / "round_1" / "logs" / "score.log")
+    assert f"--policy {pi0} --reference {smollm2} " in score
+    rows = read_jsonl(out / "round_1" / "responses.jsonl")
+    assert len(rows) == 6 and all(len(r["responses"]) == 4 for r in rows)
+    scored = {r["prompt_id"]: r for r in read_jsonl(out / "round_1" / "scores.jsonl")}
+    pairs = read_jsonl(out / "round_1" / "pairs" / "pairs.jsonl")
+    generated = [p for p in pairs if p["source"] == "generated"]
+    offline_rows = [p for p in pairs if p["source"] == "offline"]
+    assert generated and len(offline_rows) == len(generated)  # gamma 0.5
+    for p in generated:  # pi_0's log-probs of the two responses, as 02 wrote them, become pi_1's reference log-probs
+        s = scored[p["prompt_id"]]
+        c, r = s["responses"].index(p["chosen"]), s["responses"].index(p["rejected"])
+        assert s["valid"][c] and s["valid"][r]
+        if s["completion_starts"][c] == s["completion_starts"][r]:
+            assert (p["ref_chosen_logps"], p["ref_rejected_logps"]) == (s["policy_logps"][c], s["policy_logps"][r])
+    assert all(p["ref_chosen_logps"] is None for p in offline_rows)  # SCORE_OFFLINE=0: stage 4 computes these
+    supplied = sum(p["ref_chosen_logps"] is not None for p in pairs)
+    train_log = (out / "round_1" / "logs" / "train.log").read_text()
+    assert f'reference log-probs: {{"train": {{"supplied": {supplied}, "computed": {len(pairs) - supplied}}}}}' \
+        in train_log
+    assert os.path.isfile(pi1 / "model.safetensors")
+    text = (out / "report.md").read_text()
+    assert re.search(r"^\| 0 \|", text, re.M) and re.search(r"^\| 1 \|", text, re.M)
