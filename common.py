@@ -112,6 +112,18 @@ def read_jsonl(path):
             yield i, row
 
 
+def load_script(name):
+    """Import a stage script (e.g. "02_score") as a module: its name starts with a digit, so `import` cannot."""
+    import importlib.util
+
+    name = name.removesuffix(".py")
+    spec = importlib.util.spec_from_file_location(name, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                                     name + ".py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def done_marker(path):
     """The file that says `path` is finished: written after it, it records the settings that produced it."""
     return str(path).rstrip("/") + ".done.json"

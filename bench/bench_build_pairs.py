@@ -20,7 +20,6 @@ per-sample DataFrames; our records as read_scores returns them). `--e2e true` al
 (chosen, rejected) texts for every prompt; the script fails otherwise. It prints a markdown table.
 """
 import functools
-import importlib.util
 import math
 import os
 import sys
@@ -34,9 +33,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import common  # noqa: E402
 
-_spec = importlib.util.spec_from_file_location("build_pairs", os.path.join(ROOT, "03_build_pairs.py"))
-bp = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bp)
+bp = common.load_script("03_build_pairs")
 
 
 # ----------------------------------------------------------------------------- synthetic input

@@ -19,7 +19,6 @@ Generated tokens/s = generated tokens (stop token included) / seconds spent in g
 engine; engine start-up is reported apart. Prints a markdown table. The machine's load changes the figures: run it
 on an idle machine, and compare ratios within one run only.
 """
-import importlib.util
 import os
 import sys
 import time
@@ -28,9 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tools")]
 import common  # noqa: E402
 
-_spec = importlib.util.spec_from_file_location("generate01", os.path.join(ROOT, "01_generate.py"))
-gen = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(gen)
+gen = common.load_script("01_generate")
 
 TEMPERATURE, TOP_P, SEED = 0.7, 0.9, 0
 

@@ -34,6 +34,8 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tools")]
 
 import common  # noqa: E402
 
+score = common.load_script("02_score")
+
 
 def load_rows(prompts):
     path = os.path.join(os.path.dirname(ROOT), "shared", "data", "gpt4_prefs_small.jsonl")
@@ -50,7 +52,6 @@ def load_rows(prompts):
 
 def sequences(tokenizer, rows):
     """(prompt+response ids, response start) of every response, as 02 builds them."""
-    score = common_script()
     out = []
     for row in rows:
         seqs, _, _ = score.tokenize_row(tokenizer, row, "responses", 4096, "keep_start")
@@ -58,17 +59,7 @@ def sequences(tokenizer, rows):
     return out
 
 
-def common_script():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("score", os.path.join(ROOT, "02_score.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def run_02(model, rows, dtype, workdir):
-    score = common_script()
     src = os.path.join(workdir, "responses.jsonl")
     common.write_jsonl(src, rows)
     out = os.path.join(workdir, f"scores_{dtype}.jsonl")
@@ -116,7 +107,6 @@ def loop_and_raw(model_path, seqs, dtype):
     alone, logits only)."""
     import torch
 
-    score = common_script()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     models = [score.load_scorer(model_path, dtype, device, False) for _ in range(2)]  # plain calls stay the original forward
     autocast = torch.bfloat16 if dtype == "bfloat16" else None

@@ -1,6 +1,5 @@
 """Shared fixtures: offline tiny models (seconds), the real SmolLM2-135M (slow tests), the shared data, and a loader
 for the stage scripts (their names start with digits, so they are imported by path)."""
-import importlib.util
 import os
 import subprocess
 import sys
@@ -10,14 +9,9 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(os.path.dirname(ROOT), "shared", "data")
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tools")]
+import common  # noqa: E402
 
-
-def load_script(name):
-    """Import a stage script (e.g. "02_score") as a module, so tests call its pure functions."""
-    spec = importlib.util.spec_from_file_location(name.replace(".py", ""), os.path.join(ROOT, name.replace(".py", "") + ".py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+load_script = common.load_script  # tests import it from here
 
 
 def run_script(args, check=True, env=None, cwd=ROOT, timeout=600):

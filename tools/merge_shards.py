@@ -7,7 +7,6 @@ sorted by prompt_id). Every shard must be finished (its done marker exists) and 
 prompt set: none missing, none extra, none in two shards; otherwise a one-line error and nothing is written. The merged
 rows follow the unsharded order; OUT is written atomically, then OUT.done.json (the shards and counts).
 """
-import importlib.util
 import os
 import sys
 
@@ -19,10 +18,7 @@ from common import DiceError  # noqa: E402
 
 def expected_prompt_ids(prompts, limit=None, split="train", prompt_field=None):
     """prompt_ids in unsharded order, by 01_generate.py's own prompt loading."""
-    spec = importlib.util.spec_from_file_location("generate01", os.path.join(ROOT, "01_generate.py"))
-    generate = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(generate)
-    items, _ = generate.load_prompts(prompts, prompt_field, split, limit)
+    items, _ = common.load_script("01_generate").load_prompts(prompts, prompt_field, split, limit)
     return [item["prompt_id"] for item in items]
 
 
