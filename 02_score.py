@@ -253,8 +253,8 @@ def load_scorer(path, dtype, device, trust_remote_code):
     return model
 
 
-def chunks(path, mode, chunk_rows):
-    """Stream (line, row, K) in lists of chunk_rows rows (the rows were already checked)."""
+def chunks(path, chunk_rows):
+    """Stream (line, row) in lists of chunk_rows rows (the rows were already checked)."""
     chunk = []
     for line, row in common.read_jsonl(path):
         chunk.append((line, row))
@@ -371,7 +371,7 @@ def main(
     start_time = time.time()
     writer = common.atomic_open(out) if state.is_main_process else contextlib.nullcontext()
     with writer as f:
-        for chunk in chunks(path, mode, chunk_rows):
+        for chunk in chunks(path, chunk_rows):
             seqs, owners = [], []  # flat list of sequences of this chunk; (row index, slot) of each
             row_seqs, row_starts = [], []
             for r, (line, row) in enumerate(chunk):

@@ -189,10 +189,9 @@ def save_plots(out, rows):
     written = []
 
     def save(fig, name):
-        tmp = os.path.join(out, f".{name}.tmp.{os.getpid()}.png")
-        fig.savefig(tmp, dpi=100, bbox_inches="tight")
+        with common.atomic_open(os.path.join(out, name), "wb") as f:
+            fig.savefig(f, format="png", dpi=100, bbox_inches="tight")
         plt.close(fig)
-        os.replace(tmp, os.path.join(out, name))
         written.append(name)
 
     paired = [r for r in rows if r.get("gap_before") is not None]
