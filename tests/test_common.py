@@ -1,0 +1,163 @@
+"""common.stage, the one protocol of every stage: done already, refused, locked, resumed, published atomically."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+import common
+from common import AlreadyDone, DiceError
+from conftest import ROOT
+
+
+def run(out, args, inputs=None, overwrite=False, text="result", work=None):
+    """A stage whose body writes `text` to st.tmp; returns what st.work said when `work` is given."""
+    resumed = None
+    with common.stage("test", out, args, inputs=inputs, overwrite=overwrite, seed=args.get("seed")) as st:
+        if work is not None:
+            resumed = st.work(work)
+        st.record["counts"] = {"n": len(text)}
+        with open(st.tmp, "w") as f:
+            f.write(text)
+    return resumed
+
+
+def test_finished_output_with_same_arguments_and_inputs_is_done_already(tmp_path):
+    src, out = tmp_path / "in.txt", str(tmp_path / "out.txt")
+    src.write_text("a")
+    run(out, {"seed": 1, "input": str(src)}, inputs={"input": str(src)})
+    marker = json.load(open(out + ".done.json"))
+    assert marker["stage"] == "test" and marker["seed"] == 1 and marker["counts"] == {"n": 6}
+    assert marker["inputs"]["input"]["fingerprint"] == common.fingerprint(str(src))
+    assert marker["output"]["fingerprint"] == common.fingerprint(out)
+    assert {"args", "versions", "seconds"} <= set(marker)
+    with pytest.raises(AlreadyDone, match="done already"):
+        run(out, {"seed": 1, "input": str(src)}, inputs={"input": str(src)}, text="other")
+    with pytest.raises(AlreadyDone):  # --overwrite replaces only what differs
+        run(out, {"seed": 1, "input": str(src)}, inputs={"input": str(src)}, overwrite=True, text="other")
+    assert open(out).read() == "result"
+    # the same content under another path (a moved run folder) is the same input
+    moved = tmp_path / "moved.txt"
+    moved.write_text("a")
+    with pytest.raises(AlreadyDone):
+        run(out, {"seed": 1, "input": str(moved)}, inputs={"input": str(moved)})
+    assert sorted(os.listdir(tmp_path)) == ["in.txt", "moved.txt", "out.txt", "out.txt.done.json"]
+
+
+def test_changed_arguments_or_inputs_are_refused_unless_overwrite(tmp_path):
+    src, out = tmp_path / "in.txt", str(tmp_path / "out.txt")
+    src.write_text("a")
+    run(out, {"seed": 1, "input": str(src)}, inputs={"input": str(src)})
+    with pytest.raises(DiceError, match=r"other arguments or inputs \(seed: 1 -> 2\); pass --overwrite"):
+        run(out, {"seed": 2, "input": str(src)}, inputs={"input": str(src)})
+    src.write_text("b")
+    with pytest.raises(DiceError, match="input --input changed"):
+        run(out, {"seed": 1, "input": str(src)}, inputs={"input": str(src)})
+    assert open(out).read() == "result"
+    run(out, {"seed": 1, "input": str(src)}, inputs={"input": str(src)}, overwrite=True, text="new")
+    assert open(out).read() == "new"
+    assert json.load(open(out + ".done.json"))["output"]["fingerprint"] == common.fingerprint(out)
+
+
+def test_an_output_without_its_marker_is_not_replaced_silently(tmp_path):
+    out = tmp_path / "out.txt"
+    out.write_text("mine")
+    with pytest.raises(DiceError, match="already exists but is not a finished output.*pass --overwrite"):
+        run(str(out), {})
+    assert out.read_text() == "mine"
+    # a hand-edited output no longer matches its marker: the same refusal
+    run(str(out), {}, overwrite=True)
+    out.write_text("edited")
+    with pytest.raises(DiceError, match="not a finished output"):
+        run(str(out), {})
+
+
+def test_a_failing_body_publishes_nothing_and_a_killed_runs_tmp_is_rebuilt(tmp_path):
+    out = str(tmp_path / "out.txt")
+    with pytest.raises(RuntimeError):
+        with common.stage("test", out, {}) as st:
+            open(st.tmp, "w").write("half")
+            raise RuntimeError("boom")
+    assert not os.path.exists(out) and not os.path.exists(out + ".done.json") and not os.path.exists(out + ".lock")
+    run(out, {})  # the leftover OUT.tmp (as a kill leaves it) is removed, not resumed
+    assert open(out).read() == "result"
+
+
+def test_folder_outputs_are_published_and_replaced_whole(tmp_path):
+    out = str(tmp_path / "model")
+    for n in (1, 2):
+        with common.stage("test", out, {"n": n}, overwrite=True) as st:
+            os.makedirs(st.tmp)
+            open(os.path.join(st.tmp, f"file{n}"), "w").write("x")
+    assert os.listdir(out) == ["file2"] and not os.path.exists(out + ".old")
+
+
+def test_fingerprints_of_files_folders_and_hub_ids(tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "config.json").write_text("{}")
+    first = common.fingerprint(str(tmp_path / "d"))
+    (tmp_path / "d" / "config.json").write_text('{"a": 1}')
+    assert common.fingerprint(str(tmp_path / "d")) != first
+    assert common.fingerprint("org/model") == common.fingerprint("org/model") != common.fingerprint("org/other")
+
+
+def test_resumable_work_is_kept_for_the_same_settings_only(tmp_path):
+    out, work = str(tmp_path / "out.txt"), str(tmp_path / "out.txt.partial")
+
+    def start(args, overwrite=False):
+        with pytest.raises(KeyboardInterrupt):  # a run stopped half way leaves its work behind
+            with common.stage("test", out, args, overwrite=overwrite) as st:
+                resumed = st.work(work)
+                open(work, "a").write("row\n")
+                raise KeyboardInterrupt(resumed)
+
+    start({"k": 1})
+    assert os.path.exists(work + ".args.json")
+    assert run(out, {"k": 1}, work=work) is True
+    assert not os.path.exists(work) and not os.path.exists(work + ".args.json")  # removed once finished
+    out2 = str(tmp_path / "b.txt")
+    work2 = out2 + ".partial"
+    with pytest.raises(KeyboardInterrupt):
+        with common.stage("test", out2, {"k": 1}) as st:
+            st.work(work2)
+            open(work2, "w").write("row\n")
+            raise KeyboardInterrupt
+    with pytest.raises(DiceError, match=r"holds an unfinished run with other settings \(k: 1 -> 2\).*--overwrite"):
+        with common.stage("test", out2, {"k": 2}) as st:
+            st.work(work2)
+    assert open(work2).read() == "row\n"
+    with common.stage("test", out2, {"k": 2}, overwrite=True) as st:
+        assert st.work(work2) is False and not os.path.exists(work2)
+        open(st.tmp, "w").write("done")
+
+
+def test_an_output_being_written_is_refused_naming_the_writer(tmp_path):
+    out = str(tmp_path / "out.txt")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time, common\n"
+         f"with common.stage('test', {out!r}, {{}}) as st:\n"
+         "    print('holding', flush=True); time.sleep(60)\n"],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        with pytest.raises(DiceError, match=rf"is being written right now by process {holder.pid} "):
+            run(out, {})
+    finally:
+        holder.kill()
+        holder.wait()
+    time.sleep(0.1)
+    run(out, {})  # the kernel releases the lock of a killed process
+    assert open(out).read() == "result"
+
+
+def test_convert_checks_and_converts_in_one_call():
+    got = common.convert({"n": "3", "p": 0.5, "b": "true", "c": "hf", "ids": "1,2", "s": 5, "none": None},
+                         {"n": (int, 1), "p": (float, 0.0, 1.0), "b": bool, "c": ("hf", "vllm"), "ids": list,
+                          "s": str, "none": (int, 1)})
+    assert got == {"n": 3, "p": 0.5, "b": True, "c": "hf", "ids": [1, 2], "s": "5", "none": None}
+    with pytest.raises(DiceError, match="--n must be >= 1, got 0"):
+        common.convert({"n": 0}, {"n": (int, 1)})
+    with pytest.raises(DiceError, match="--c must be one of hf, vllm; got 'x'"):
+        common.convert({"c": "x"}, {"c": ("hf", "vllm")})
