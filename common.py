@@ -456,14 +456,49 @@ def check_model_path(path):
     return path
 
 
-def load_tokenizer(path, trust_remote_code=False):
+def load_tokenizer(path, trust_remote_code=False, chat_template=None):
+    """The tokenizer of a model; `chat_template` (a jinja file, as transformers' `chat_template`) replaces its own
+    template, so every stage and TRL's tokenization inside stage 4 render prompts and responses with it."""
     from transformers import AutoTokenizer
 
     path = check_model_path(path)
     try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except OSError as e:
         raise DiceError(f"cannot load tokenizer from {path}: {str(e).splitlines()[0]}") from None
+    if chat_template:
+        tokenizer.chat_template = read_chat_template(chat_template)
+        unknown = unknown_special_tokens(tokenizer, tokenizer.chat_template)
+        if unknown:
+            print(f"warning: {chat_template} names {', '.join(unknown)}, which the tokenizer of {path} does not know "
+                  "as special tokens: they are tokenized as plain text", file=sys.stderr)
+    return tokenizer
+
+
+def read_chat_template(path):
+    """The text of a jinja chat template file (a one-line error when it cannot be read or is not valid jinja)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DiceError(f"cannot read chat template {path}: {getattr(e, 'strerror', None) or e}") from None
+    import jinja2
+
+    try:
+        jinja2.Environment().parse(text)
+    except jinja2.TemplateSyntaxError as e:
+        raise DiceError(f"{path}:{e.lineno}: bad chat template ({e.message})") from None
+    return text
+
+
+def unknown_special_tokens(tokenizer, template):
+    """Strings of the template that look like special tokens (<|...|>, <s>, </s>) but are not special to `tokenizer`."""
+    import re
+
+    special = set(tokenizer.all_special_tokens) | {
+        t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if getattr(t, "special", False)}
+    found = dict.fromkeys(re.findall(r"<\|[A-Za-z0-9_]+\|>|</?s>", template))
+    return [t for t in found if t not in special]
 
 
 def load_model(path, dtype="float32", trust_remote_code=False, device=None):

@@ -161,3 +161,20 @@ def test_convert_checks_and_converts_in_one_call():
         common.convert({"n": 0}, {"n": (int, 1)})
     with pytest.raises(DiceError, match="--c must be one of hf, vllm; got 'x'"):
         common.convert({"c": "x"}, {"c": ("hf", "vllm")})
+
+
+def test_chat_template_file_replaces_the_tokenizers_own_and_warns_on_unknown_specials(tiny_policy, tmp_path, capsys):
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}<|user|>{{ m['content'] }}<|im_end|>{% endfor %}"
+                        "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    tok = common.load_tokenizer(tiny_policy, chat_template=str(template))
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
+                                   tokenize=False) == "<|user|>hi<|im_end|><|assistant|>"
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "names <|user|>, <|assistant|>, which the tokenizer" in err  # <|im_end|> is known
+    assert common.load_tokenizer(tiny_policy).chat_template != tok.chat_template
+    template.write_text("{% if %}")
+    with pytest.raises(DiceError, match=r"t.jinja:1: bad chat template"):
+        common.load_tokenizer(tiny_policy, chat_template=str(template))
+    with pytest.raises(DiceError, match="cannot read chat template"):
+        common.load_tokenizer(tiny_policy, chat_template=str(tmp_path / "missing.jinja"))
