@@ -149,6 +149,67 @@ def read_jsonl(path):
             yield i, row
 
 
+def read_rows(source, split="train"):
+    """Yield (where, row) for every row of a data source as users hold it: a .jsonl file (and a .json file of JSON
+    lines, as the official DICE data), a .json list of objects, a .parquet file, a folder saved with datasets'
+    `save_to_disk`, or a hub dataset id (`split`). `where` names file:line (or row i) for error messages."""
+    source = str(source)
+    lower = source.lower()
+    try:
+        if lower.endswith(".jsonl"):
+            yield from ((f"{source}:{i}", row) for i, row in read_jsonl(source))
+        elif lower.endswith(".json"):
+            yield from _read_json(source)
+        elif lower.endswith(".parquet"):
+            import pyarrow.parquet
+
+            try:
+                rows = pyarrow.parquet.read_table(source).to_pylist()
+            except Exception as e:  # OSError, ArrowInvalid
+                raise DiceError(f"cannot read {source}: {str(e).splitlines()[0]}") from None
+            yield from ((f"{source}: row {i}", row) for i, row in enumerate(rows))
+        elif os.path.isfile(source) or (source.startswith((".", "/", "~")) and not os.path.isdir(source)):
+            raise DiceError(f"cannot read {source}: expected a .jsonl, .json or .parquet file, a dataset folder "
+                            "or a hub dataset id")
+        else:
+            yield from ((f"{source}[{split}]: row {i}", row) for i, row in enumerate(_load_dataset(source, split)))
+    except UnicodeDecodeError as e:
+        raise DiceError(f"cannot read {source}: not UTF-8 text (byte {e.start})") from None
+
+
+def _read_json(source):
+    try:
+        with open(source, encoding="utf-8") as f:
+            data = json.load(f)
+    except OSError as e:
+        raise DiceError(f"cannot read {source}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data":  # JSON lines saved as .json (the official DICE data files)
+            yield from ((f"{source}:{i}", row) for i, row in read_jsonl(source))
+            return
+        raise DiceError(f"{source}:{e.lineno}: bad JSON ({e.msg})") from None
+    if isinstance(data, dict):  # one JSON object in a .json file: a JSON-lines file of one row
+        data = [data]
+    if not isinstance(data, list):
+        raise DiceError(f"{source}: expected a JSON list of objects, got {type(data).__name__}")
+    for i, row in enumerate(data):
+        if not isinstance(row, dict):
+            raise DiceError(f"{source}: item {i}: expected a JSON object, got {type(row).__name__}")
+        yield f"{source}: item {i}", row
+
+
+def _load_dataset(source, split):
+    import datasets
+
+    try:
+        if os.path.isdir(source):
+            data = datasets.load_from_disk(source)
+            return data[split] if isinstance(data, datasets.DatasetDict) else data
+        return datasets.load_dataset(source, split=split)
+    except Exception as e:  # FileNotFoundError, ConnectionError, ValueError (bad split), KeyError, ...
+        raise DiceError(f"cannot load dataset {source} (split {split}): {str(e).splitlines()[0]}") from None
+
+
 def load_script(name):
     """Import a stage script (e.g. "02_score") as a module: its name starts with a digit, so `import` cannot."""
     import importlib.util
@@ -414,6 +475,47 @@ def check_pair(row, where):
         if not isinstance(row[key], str):
             raise DiceError(f"{where}: '{key}' must be a string, got {type(row[key]).__name__}")
     return to_messages(row["prompt"], where)
+
+
+def read_pair(row, where):
+    """A preference pair in any shape users hold -> {"prompt", "chosen", "rejected"}: prompt a string (one user turn)
+    or a messages list, chosen/rejected strings. Accepted shapes:
+      - strings: prompt, chosen, rejected (this project's files, the official DICE preference.json);
+      - TRL's conversational format: prompt as messages, chosen/rejected as one assistant turn ([{"role":
+        "assistant", "content": ...}]);
+      - full conversations whose last turn is the answer (HuggingFaceH4/ultrafeedback_binarized; trl-lib's implicit
+        prompt): the prompt is the turns before it, the same in chosen and rejected (a `prompt` field is then
+        optional and must agree when it is the text of the single user turn).
+    Anything else is a DiceError naming `where` (file:line)."""
+    for key in ("chosen", "rejected"):
+        if key not in row:
+            raise DiceError(f"{where}: missing field '{key}' (a pair needs prompt, chosen and rejected)")
+    answers, history = [], []
+    for key in ("chosen", "rejected"):
+        value = row[key]
+        if isinstance(value, str):
+            answers.append(value)
+            history.append(None)
+            continue
+        turns = to_messages(value, f"{where}: '{key}'") if isinstance(value, list) and value else None
+        if not turns or turns[-1]["role"] != "assistant":
+            raise DiceError(f"{where}: '{key}' must be a string or messages ending with an assistant turn")
+        answers.append(turns[-1]["content"])
+        history.append(turns[:-1])
+    if history[0] != history[1] and None not in history:
+        raise DiceError(f"{where}: 'chosen' and 'rejected' hold different conversations before their last turn")
+    context = history[0] if history[0] is not None else history[1]
+    if "prompt" in row and row["prompt"] is not None:
+        prompt = to_messages(row["prompt"], f"{where}: 'prompt'")
+        if context and context != prompt:
+            raise DiceError(f"{where}: 'prompt' differs from the conversation before the answer in 'chosen'")
+    elif context:
+        prompt = context
+    else:
+        raise DiceError(f"{where}: missing field 'prompt' (a pair needs prompt, chosen and rejected)")
+    if len(prompt) == 1 and prompt[0]["role"] == "user":  # one user turn: the same prompt as its plain text
+        prompt = prompt[0]["content"]
+    return {"prompt": prompt, "chosen": answers[0], "rejected": answers[1]}
 
 
 def prompt_id(prompt):

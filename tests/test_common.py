@@ -178,3 +178,63 @@ def test_chat_template_file_replaces_the_tokenizers_own_and_warns_on_unknown_spe
         common.load_tokenizer(tiny_policy, chat_template=str(template))
     with pytest.raises(DiceError, match="cannot read chat template"):
         common.load_tokenizer(tiny_policy, chat_template=str(tmp_path / "missing.jinja"))
+
+
+# ----------------------------------------------------------------------------- data as users hold it
+
+USER = [{"role": "user", "content": "Why?"}]
+
+
+@pytest.mark.parametrize("row", [
+    {"prompt": "Why?", "chosen": "Because.", "rejected": "No."},  # strings (this project, official DICE data)
+    {"prompt": USER, "chosen": [{"role": "assistant", "content": "Because."}],  # TRL conversational
+     "rejected": [{"role": "assistant", "content": "No."}]},
+    {"prompt": "Why?", "chosen": USER + [{"role": "assistant", "content": "Because."}],  # H4 ultrafeedback_binarized
+     "rejected": USER + [{"role": "assistant", "content": "No."}], "messages": [], "score_chosen": 8.0},
+    {"chosen": USER + [{"role": "assistant", "content": "Because."}],  # implicit prompt (trl-lib)
+     "rejected": USER + [{"role": "assistant", "content": "No."}]},
+])
+def test_read_pair_accepts_the_shapes_users_hold(row):
+    assert common.read_pair(row, "f:1") == {"prompt": "Why?", "chosen": "Because.", "rejected": "No."}
+
+
+def test_read_pair_keeps_multi_turn_prompts_and_refuses_mismatches():
+    system = [{"role": "system", "content": "Be brief."}] + USER
+    row = {"chosen": system + [{"role": "assistant", "content": "A"}],
+           "rejected": system + [{"role": "assistant", "content": "B"}]}
+    assert common.read_pair(row, "f:1") == {"prompt": system, "chosen": "A", "rejected": "B"}
+    bad = [({"prompt": "Why?", "chosen": "A"}, "missing field 'rejected'"),
+           ({"chosen": "A", "rejected": "B"}, "missing field 'prompt'"),
+           ({"prompt": "Why?", "chosen": USER, "rejected": "B"}, "'chosen' must be a string or messages ending"),
+           ({"prompt": "Other?", "chosen": USER + [{"role": "assistant", "content": "A"}], "rejected": "B"},
+            "'prompt' differs from the conversation"),
+           ({"chosen": system + [{"role": "assistant", "content": "A"}],
+             "rejected": USER + [{"role": "assistant", "content": "B"}]}, "different conversations"),
+           ({"prompt": "Why?", "chosen": 3, "rejected": "B"}, "'chosen' must be a string")]
+    for row, message in bad:
+        with pytest.raises(DiceError, match=f"^f:1: .*{message}"):
+            common.read_pair(row, "f:1")
+
+
+def test_read_rows_reads_every_format_users_hold(tmp_path):
+    import datasets
+
+    rows = [{"instruction": "a", "n": 1}, {"instruction": "b", "n": 2}]
+    (tmp_path / "r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "lines.json").write_text("".join(json.dumps(r) + "\n" for r in rows))  # the official DICE files
+    (tmp_path / "list.json").write_text(json.dumps(rows))
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "r.parquet"))
+    datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "saved"))
+    for source, split in [("r.jsonl", "train"), ("lines.json", "train"), ("list.json", "train"),
+                          ("r.parquet", "train"), ("saved", "test")]:
+        got = list(common.read_rows(str(tmp_path / source), split))
+        assert [r for _, r in got] == rows, source
+    assert [w for w, _ in common.read_rows(str(tmp_path / "lines.json"))] == [f"{tmp_path}/lines.json:1",
+                                                                            f"{tmp_path}/lines.json:2"]
+    (tmp_path / "bad.json").write_text('{"a": 1}\n{"a": \n')
+    with pytest.raises(DiceError, match=r"bad.json:2: bad JSON"):
+        list(common.read_rows(str(tmp_path / "bad.json")))
+    with pytest.raises(DiceError, match=r"cannot load dataset .*saved \(split nope\)"):
+        list(common.read_rows(str(tmp_path / "saved"), "nope"))
+    with pytest.raises(DiceError, match="expected a .jsonl, .json or .parquet file"):
+        list(common.read_rows(str(tmp_path / "r.txt")))
