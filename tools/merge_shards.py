@@ -3,10 +3,13 @@
     python tools/merge_shards.py --prompts PROMPTS [--limit N] [--split S] --out round_1/responses.jsonl S0 S1 ...
 
 The expected rows are the prompts 01_generate.py generates for unsharded: its own load_prompts (deduplicated, --limit,
-sorted by prompt_id). Every shard must be finished (its done marker exists) and the shards' union must be exactly that
-prompt set: none missing, none extra, none in two shards; otherwise a one-line error and nothing is written. The merged
-rows follow the unsharded order; OUT is written atomically, then OUT.done.json (the shards and counts).
+sorted by prompt_id). Every shard must be finished (its done marker exists and matches the file) and the shards' union
+must be exactly that prompt set: none missing, none extra, none in two shards; otherwise a one-line error and nothing
+is written. The merged rows follow the unsharded order. Done and rerun as in the stages (common.stage): OUT.done.json
+records the arguments, the fingerprints of the prompts and of every shard, and the counts; a rerun with the same
+shards prints "done already", other shards or arguments are refused unless --overwrite.
 """
+import json
 import os
 import sys
 
@@ -22,11 +25,22 @@ def expected_prompt_ids(prompts, limit=None, split="train", prompt_field=None):
     return [item["prompt_id"] for item in items]
 
 
+def check_finished(shard):
+    """A shard is finished when its done marker exists and records the fingerprint of the file as it is now."""
+    marker = common.done_marker(shard)
+    try:
+        with open(marker, encoding="utf-8") as f:
+            recorded = json.load(f).get("output", {}).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        raise DiceError(f"shard {shard} is not finished (no readable {os.path.basename(marker)})") from None
+    if not os.path.isfile(shard) or recorded != common.fingerprint(shard):
+        raise DiceError(f"shard {shard} is not finished ({os.path.basename(marker)} does not match the file)")
+
+
 def merge(shards, order):
     """Rows of the finished shard files in `order` (prompt_ids); a DiceError unless they cover it exactly."""
     for s in shards:
-        if not os.path.isfile(common.done_marker(s)):
-            raise DiceError(f"shard {s} is not finished (no {os.path.basename(common.done_marker(s))})")
+        check_finished(s)
     by_id = {}
     for s in shards:
         for i, row in common.read_jsonl(s):
@@ -43,18 +57,32 @@ def merge(shards, order):
 
 
 def main(*shards, prompts: str = None, out: str = None, limit: int = None, split: str = "train",
-         prompt_field: str = None):
-    """Merge SHARDS (01's finished shard files) into --out, checked against the unsharded prompt set of --prompts."""
+         prompt_field: str = None, overwrite: bool = False):
+    """Merge SHARDS (01_generate.py's finished shard files) into --out in the unsharded order of --prompts.
+
+    Args:
+        shards: the shard files, in any order
+        prompts: the prompts 01_generate.py read (the same --prompts, --limit, --split and --prompt_field)
+        out: the merged responses.jsonl
+        limit: 01_generate.py's --limit
+        split: 01_generate.py's --split
+        prompt_field: 01_generate.py's --prompt_field
+        overwrite: redo an output made from other shards or arguments
+    """
     if not shards or not prompts or not out:
         raise DiceError("usage: merge_shards.py --prompts PROMPTS --out FILE [--limit N] SHARD...")
-    limit = None if limit is None else common.as_int("limit", limit, minimum=1)
-    shards = [str(s) for s in shards]
-    order = expected_prompt_ids(str(prompts), limit, str(split), prompt_field)
-    rows = merge(shards, order)
-    common.write_jsonl(out, rows)
-    common.write_json(common.done_marker(out), {"shards": shards, "rows": len(rows), "prompts": str(prompts),
-                                                "limit": limit, "split": split})
-    print(f"merged {len(shards)} shards into {out}: {len(rows)} rows")
+    args = common.convert(dict(prompts=prompts, out=out, limit=limit, split=split, prompt_field=prompt_field,
+                               overwrite=overwrite), {"prompts": str, "out": str, "limit": (int, 1), "split": str,
+                                                      "prompt_field": str, "overwrite": bool})
+    shards = {f"shard{i}": str(s) for i, s in enumerate(shards)}
+    print("merge_shards.py " + json.dumps({**args, "shards": list(shards.values())}))
+    with common.stage("merge_shards", args["out"], {**args, **shards}, inputs={"prompts": args["prompts"], **shards},
+                      overwrite=args["overwrite"]) as st:
+        order = expected_prompt_ids(args["prompts"], args["limit"], args["split"], args["prompt_field"])
+        rows = merge(list(shards.values()), order)
+        common.write_jsonl(st.tmp, rows)
+        st.record["counts"] = {"shards": len(shards), "rows": len(rows)}
+    print(f"merged {len(shards)} shards into {args['out']}: {len(rows)} rows")
 
 
 if __name__ == "__main__":
