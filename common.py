@@ -382,8 +382,8 @@ class Stage:
             "stage": self.name, "args": self.args, "settings": self.settings,
             "inputs": {k: {"path": str(v), "fingerprint": self.input_fingerprints[k]} for k, v in self.inputs.items()},
             "output": {"path": self.out, "fingerprint": fingerprint(self.tmp)}, "seed": self.seed,
-            **self.record,
             "versions": package_versions("torch", "transformers", "trl", "accelerate", "datasets", "numpy"),
+            **self.record,
             "seconds": round(time.time() - self.started, 1),
         }
         write_json(self.marker, marker)
