@@ -32,9 +32,11 @@ Input -> output (JSONL, one row per line; other fields are kept as they are):
       responses are still scored; `valid` says they must not be ranked.
   --pairs: rows `prompt`, `chosen`, `rejected`  ->  plus `policy_chosen_logps`, `policy_rejected_logps`,
       `reference_chosen_logps`, `reference_rejected_logps`, `chosen_reward`, `rejected_reward`; the implicit-reward
-      accuracy (share of pairs with chosen_reward > rejected_reward) is printed and saved in the done marker (and in
-      --summary if given).
-  Also OUT.done.json: the resolved arguments, counts and accuracy; written after OUT, which is written atomically.
+      accuracy (share of pairs with chosen_reward > rejected_reward) is printed and saved in the done marker.
+  Also OUT.done.json (common.stage): the arguments, input fingerprints, counts and, in --pairs mode, the accuracy.
+  A rerun with the same arguments and inputs prints "done already" (exit 0) before any model is loaded; other
+  arguments or changed inputs are refused unless --overwrite. --batch_tokens, --chunk_rows and the number of
+  processes only change speed (the scores agree to float noise), so they are recorded but not compared.
 
 Bad input: a malformed row or field is an error naming file:line; a non-finite log-prob is an error (nothing is
 written: a NaN must never be ranked); responses cut by --max_length are scored as TRL cuts them and counted
@@ -43,17 +45,19 @@ is counted (`prompt_too_long`; TRL drops such rows before training).
 
 Speed: one forward per sequence per model; the prompt is tokenized once per row; sequences are sorted by length and
 batched by a token budget (--batch_tokens, padded tokens; on CPUs one sequence per forward is fastest, measured) in
-chunks of --chunk_rows rows written as they finish, so memory stays flat for any number of rows. --dtype bfloat16 loads the weights in bf16 and runs under bf16 autocast
-(faster on GPUs and on CPUs with bf16 support; fp32 for exactness). Several processes split the batches of each chunk
-(the batches never depend on the number of processes) and write ONE output, identical to a single-process run:
+chunks of --chunk_rows rows written as they finish, so memory stays flat for any number of rows. --dtype bfloat16
+loads the weights in bf16 and runs under bf16 autocast (faster on GPUs and on CPUs with bf16 support; fp32 for
+exactness). Several processes split the batches of each chunk (the batches never depend on the number of processes)
+and write ONE output, identical to a single-process run:
     accelerate launch --num_processes N 02_score.py ...     (GPUs; also `torchrun --nproc_per_node N 02_score.py ...`)
     CUDA_VISIBLE_DEVICES= accelerate launch --multi_gpu --num_processes N 02_score.py ...   (N CPU processes, gloo;
     accelerate 1.15's `launch --cpu --num_processes N` starts ONE process unless mpirun is set up)
 
 Smoke run (tiny offline models, seconds):
-    python tools/tiny_model.py --out /tmp/tiny_policy --seed 1 && python tools/tiny_model.py --out /tmp/tiny_ref --seed 2
+    python tools/tiny_model.py --out /tmp/tiny_policy --seed 1
+    python tools/tiny_model.py --out /tmp/tiny_ref --seed 2
     python 02_score.py --policy /tmp/tiny_policy --reference /tmp/tiny_ref \
-        --pairs ../shared/data/gpt4_prefs_small.jsonl --out /tmp/scored_prefs.jsonl --max_length 512
+        --pairs data/demo/preferences.jsonl --out /tmp/scored_prefs.jsonl --max_length 512
 Full run (one 8-GPU node, round t):
     accelerate launch --num_processes 8 02_score.py --policy runs/round1/model --reference runs/sft \
         --responses runs/round1/responses.jsonl --out runs/round1/scores.jsonl --dtype bfloat16
@@ -66,6 +70,8 @@ import time
 
 import common
 from common import DiceError
+
+SPEED_ONLY = ("batch_tokens", "chunk_rows", "num_processes")  # change speed, not the scores: not compared on a rerun
 
 
 # ----------------------------------------------------------------------------- pure functions (tests import these)
@@ -137,13 +143,15 @@ def assign_batches(batches, lengths, num_processes):
 def check_same_tokenizer(policy_tok, reference_tok, policy, reference):
     """Policy and reference must read the same tokens: same vocabulary, special tokens and chat template."""
     if policy_tok.get_vocab() != reference_tok.get_vocab():
-        raise DiceError(f"policy {policy} and reference {reference} have different vocabularies; they must share a tokenizer")
+        raise DiceError(f"policy {policy} and reference {reference} have different vocabularies; they must share a "
+                        "tokenizer")
     for name in ("bos_token", "eos_token"):
         if getattr(policy_tok, name) != getattr(reference_tok, name):
-            raise DiceError(f"policy and reference tokenizers differ in {name} "
-                            f"({getattr(policy_tok, name)!r} vs {getattr(reference_tok, name)!r}); they must share a tokenizer")
+            raise DiceError(f"policy and reference tokenizers differ in {name} ({getattr(policy_tok, name)!r} vs "
+                            f"{getattr(reference_tok, name)!r}); they must share a tokenizer")
     if policy_tok.chat_template != reference_tok.chat_template:
-        raise DiceError(f"policy {policy} and reference {reference} have different chat templates; they must share a tokenizer")
+        raise DiceError(f"policy {policy} and reference {reference} have different chat templates; they must share "
+                        "a tokenizer")
     if not policy_tok.chat_template:
         raise DiceError(f"the tokenizer of {policy} has no chat template (scores are computed on chat conversations)")
 
@@ -239,7 +247,8 @@ def batch_logps(model, seqs, pad_id, device, autocast_dtype=None):
     autocast = (torch.autocast(torch.device(device).type, dtype=autocast_dtype) if autocast_dtype is not None
                 else contextlib.nullcontext())
     with torch.inference_mode(), autocast, completion_positions_only():
-        out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True, use_cache=False)
+        out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True,
+                    use_cache=False)
         per_token = out.log_probs[:, -(width - 1):]
         return per_token.sum(dim=1).float().cpu().tolist()
 
@@ -251,6 +260,12 @@ def load_scorer(path, dtype, device, trust_remote_code):
     model = common.load_model(path, dtype=dtype, trust_remote_code=trust_remote_code, device=device)
     add_fused_lm_head(model)
     return model
+
+
+def padding_id(tokenizer):
+    """TRL's padding id (pad, else EOS); padding is masked out, so any id will do when the tokenizer has neither."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return 0 if pad_id is None else pad_id
 
 
 def chunks(path, chunk_rows):
@@ -281,195 +296,217 @@ def scored_row(row, mode, policy, reference, valid, starts=None):
     return out
 
 
-# ----------------------------------------------------------------------------- the stage
+# ----------------------------------------------------------------------------- the steps of main
 
-def main(
-    policy: str = None,  # the DPO model whose implicit reward ranks the responses (pi; round t: model t-1)
-    reference: str = None,  # its reference model (pi_ref; round 1: the SFT model, round t: model t-2)
-    responses: str = None,  # 01's responses.jsonl (score K responses per prompt) -- or --pairs, not both
-    pairs: str = None,  # preference pairs JSONL with prompt, chosen, rejected (scores + implicit-reward accuracy)
-    out: str = None,  # output JSONL (OUT.done.json is written after it)
-    max_length: int = 4096,  # TRL's max_length: prompt+response is cut to this many tokens (as DPOConfig.max_length)
-    truncation_mode: str = "keep_start",  # TRL's truncation_mode: keep_start (drop the end) or keep_end
-    min_chars: int = 3,  # a response with <= min_chars characters is invalid (paper code: 3)
-    max_chars: int = 6700,  # a response with >= max_chars characters is invalid (paper code: 6700)
-    dtype: str = "float32",  # float32 (exact, for checks) or bfloat16 (bf16 weights + autocast: fast)
-    batch_tokens: int = None,  # padded tokens per forward (batch x longest); default 16384 on GPUs, 1 on CPUs (one
-    #                            sequence per forward: on CPUs batching does not pay and padding costs); lower on OOM
-    chunk_rows: int = 256,  # rows tokenized, sorted, scored and written together (memory stays flat)
-    summary: str = None,  # optional JSON path for the summary (counts, accuracy in --pairs mode)
-    overwrite: bool = False,  # replace an existing finished output
-    trust_remote_code: bool = False,  # let transformers run code shipped with the model (off: safe default)
-):
+def start_processes():
+    """This run's accelerate PartialState: one process, or one of N (accelerate launch / torchrun) joined by gloo on
+    CPUs and NCCL on GPUs. A process started as one of N that joined no group is refused (each would write OUT)."""
     import torch
     from accelerate import PartialState
 
-    # several processes (torchrun / accelerate launch) form one group: gloo on CPUs, NCCL on GPUs
-    state = PartialState(cpu=not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true"))
+    cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
+    state = PartialState(cpu=cpu)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and state.num_processes == 1:
         raise DiceError(f"started as one of {os.environ['WORLD_SIZE']} processes that did not form a group; refusing "
                         "to let each write the output (launch with accelerate launch --num_processes N or torchrun)")
-    say = print if state.is_main_process else (lambda *a, **k: None)
+    return state
 
-    # ---- arguments (fire ignores type hints)
-    if policy is None or reference is None:
+
+def resolve_args(values, state):
+    """main's arguments checked and converted (fire ignores type hints), plus the mode and the number of processes."""
+    args = common.convert(values, {
+        "policy": str, "reference": str, "responses": str, "pairs": str, "out": str, "max_length": (int, 2),
+        "truncation_mode": ("keep_start", "keep_end"), "min_chars": (int, 0), "max_chars": (int, 1),
+        "dtype": ("float32", "bfloat16"), "batch_tokens": (int, 1), "chunk_rows": (int, 1), "overwrite": bool,
+        "trust_remote_code": bool})
+    if args["policy"] is None or args["reference"] is None:
         raise DiceError("--policy and --reference are required")
-    if (responses is None) == (pairs is None):
+    if (args["responses"] is None) == (args["pairs"] is None):
         raise DiceError("give exactly one of --responses (01's output) or --pairs (prompt/chosen/rejected rows)")
-    if out is None:
+    if args["out"] is None:
         raise DiceError("--out is required")
-    mode = "pairs" if pairs is not None else "responses"
-    path = str(pairs if pairs is not None else responses)
-    out = str(out)
-    max_length = common.as_int("max_length", max_length, minimum=2)
-    truncation_mode = common.as_choice("truncation_mode", truncation_mode, ["keep_start", "keep_end"])
-    min_chars = common.as_int("min_chars", min_chars, minimum=0)
-    max_chars = common.as_int("max_chars", max_chars, minimum=min_chars + 1)
-    dtype = common.as_choice("dtype", dtype, ["float32", "bfloat16"])
-    if batch_tokens is None:
-        batch_tokens = 16384 if state.device.type == "cuda" else 1
-    batch_tokens = common.as_int("batch_tokens", batch_tokens, minimum=1)
-    chunk_rows = common.as_int("chunk_rows", chunk_rows, minimum=1)
-    overwrite = common.as_bool("overwrite", overwrite)
-    trust_remote_code = common.as_bool("trust_remote_code", trust_remote_code)
-    args = dict(policy=str(policy), reference=str(reference), mode=mode, input=path, out=out, max_length=max_length,
-                truncation_mode=truncation_mode, min_chars=min_chars, max_chars=max_chars, dtype=dtype,
-                batch_tokens=batch_tokens, chunk_rows=chunk_rows, summary=summary, overwrite=overwrite,
-                trust_remote_code=trust_remote_code, num_processes=state.num_processes)
-    say("02_score " + json.dumps(args), flush=True)
-    if os.path.abspath(out) == os.path.abspath(path):
+    if os.path.abspath(args["out"]) == os.path.abspath(args["responses"] or args["pairs"]):
         raise DiceError("--out must differ from the input file")
-    common.refuse_overwrite(out, overwrite)
-    if summary is not None:
-        common.refuse_overwrite(str(summary), overwrite)
+    if args["max_chars"] <= args["min_chars"]:
+        raise DiceError(f"--max_chars must be > --min_chars ({args['min_chars']}), got {args['max_chars']}")
+    if args["batch_tokens"] is None:  # on CPUs one sequence per forward is fastest (measured): no padding
+        args["batch_tokens"] = 16384 if state.device.type == "cuda" else 1
+    return {**args, "mode": "pairs" if args["pairs"] is not None else "responses", "num_processes": state.num_processes}
 
-    # ---- check every row before any model work (file:line errors, nothing written)
+
+def check_input(path, mode):
+    """Check every row before any model work (file:line errors, nothing written). Returns (rows, sequences)."""
     num_rows = num_seqs = 0
     for line, row in common.read_jsonl(path):
         num_seqs += check_row(row, f"{path}:{line}", mode)
         num_rows += 1
     if num_rows == 0:
         raise DiceError(f"{path} has no rows")
+    return num_rows, num_seqs
 
-    # ---- tokenizers must match before any model is loaded
-    tokenizer = common.load_tokenizer(policy, trust_remote_code)
-    check_same_tokenizer(tokenizer, common.load_tokenizer(reference, trust_remote_code), policy, reference)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id  # as TRL
-    pad_id = 0 if pad_id is None else pad_id  # padding is masked out; any id will do
 
-    device = state.device
-    autocast_dtype = torch.bfloat16 if dtype == "bfloat16" else None
-    models = [load_scorer(p, dtype, device, trust_remote_code) for p in (policy, reference)]
-    say(f"scoring {num_rows} rows ({num_seqs} sequences) of {path} with {state.num_processes} process(es) on {device}",
-        flush=True)
+def new_counts(mode):
+    keys = ["rows", "sequences", "invalid", "invalid_finish_length", "invalid_chars", "truncated", "prompt_too_long",
+            "boundary_merges", "rows_with_split_mismatch", "forward_tokens", "padded_tokens", "completion_tokens"]
+    return dict.fromkeys(keys + (["scored_pairs", "correct", "ties"] if mode == "pairs" else []), 0)
 
-    # ---- stream: tokenize a chunk, batch it by length, score (each process its share), write in input order
-    counts = {"rows": 0, "sequences": 0, "invalid": 0, "invalid_finish_length": 0, "invalid_chars": 0,
-              "truncated": 0, "prompt_too_long": 0, "boundary_merges": 0, "rows_with_split_mismatch": 0,
-              "forward_tokens": 0, "padded_tokens": 0, "completion_tokens": 0}
-    correct = ties = scored_pairs = 0
-    start_time = time.time()
-    writer = common.atomic_open(out) if state.is_main_process else contextlib.nullcontext()
-    with writer as f:
-        for chunk in chunks(path, chunk_rows):
-            seqs, owners = [], []  # flat list of sequences of this chunk; (row index, slot) of each
-            row_seqs, row_starts = [], []
-            for r, (line, row) in enumerate(chunk):
-                these, starts, c = tokenize_row(tokenizer, row, mode, max_length, truncation_mode)
-                for key in ("truncated", "prompt_too_long", "boundary_merges"):
-                    counts[key] += c[key]
-                counts["rows_with_split_mismatch"] += 0 < c["boundary_merges"] < len(these)
-                row_seqs.append(these)
-                row_starts.append(starts)
-                for k, s in enumerate(these):
-                    if s is not None:
-                        seqs.append(s)
-                        owners.append((r, k))
-            lengths = [len(ids) for ids, _ in seqs]
-            batches = make_batches(lengths, batch_tokens)
-            ranks = assign_batches(batches, lengths, state.num_processes)
-            mine = []
-            for batch, rank in zip(batches, ranks):
-                if rank != state.process_index:
-                    continue
-                group = [seqs[i] for i in batch]
-                logps = [batch_logps(m, group, pad_id, device, autocast_dtype) for m in models]
-                mine.extend(zip(batch, logps[0], logps[1]))
-            if state.num_processes > 1:
-                from accelerate.utils import gather_object
 
-                mine = gather_object(mine)
-            results = {i: (p, q) for i, p, q in mine}
-            if len(results) != len(seqs):
-                raise DiceError(f"internal error: {len(results)} of {len(seqs)} sequences came back")
-            for i, (p, q) in results.items():
-                if not (math.isfinite(p) and math.isfinite(q)):
-                    line = chunk[owners[i][0]][0]
-                    raise DiceError(f"{path}:{line}: non-finite log-prob (policy {p}, reference {q}) for sequence "
-                                    f"{owners[i][1]}; the model produced nan/inf (with --dtype bfloat16 try float32); "
-                                    f"nothing was written")
-            counts["forward_tokens"] += sum(lengths)
-            counts["padded_tokens"] += sum(len(b) * lengths[b[0]] for b in batches)
-            counts["completion_tokens"] += sum(len(ids) - max(start, 1) for ids, start in seqs)
+def score_sequences(seqs, models, pad_id, state, args, counts):
+    """(policy, reference) log-probs of every sequence [(ids, completion_start)], in order. The length-sorted batches
+    never depend on the number of processes; each process scores its share and all of them get every result."""
+    import torch
 
-            lookup = {owners[i]: results[i] for i in range(len(seqs))}
-            for r, (line, row) in enumerate(chunk):
-                k_all = len(row_seqs[r])
-                pol = [lookup[(r, k)][0] if (r, k) in lookup else 0.0 for k in range(k_all)]
-                ref = [lookup[(r, k)][1] if (r, k) in lookup else 0.0 for k in range(k_all)]
-                valid = None
-                if mode == "responses":
-                    valid = []
-                    for k, (resp, reason) in enumerate(zip(row["responses"], row["finish_reasons"])):
-                        ok = is_valid(resp, reason, min_chars, max_chars) and row_seqs[r][k] is not None
-                        counts["invalid_finish_length"] += reason == "length"
-                        counts["invalid_chars"] += not (min_chars < len(resp) < max_chars)
-                        counts["invalid"] += not ok
-                        valid.append(ok)
-                elif row_seqs[r][0] is not None:
-                    scored_pairs += 1
-                    margin = (pol[0] - ref[0]) - (pol[1] - ref[1])
-                    correct += margin > 0
-                    ties += margin == 0
-                counts["rows"] += 1
-                counts["sequences"] += k_all
-                if f is not None:
-                    f.write(json.dumps(scored_row(row, mode, pol, ref, valid, row_starts[r]), ensure_ascii=False) + "\n")
-            elapsed = time.time() - start_time
-            say(f"  {counts['rows']}/{num_rows} rows, {counts['forward_tokens'] / max(elapsed, 1e-9):.0f} tokens/s",
-                flush=True)
-        if state.is_main_process and os.path.exists(common.done_marker(out)):
-            os.remove(common.done_marker(out))  # the old marker must not describe the new file
+    lengths = [len(ids) for ids, _ in seqs]
+    batches = make_batches(lengths, args["batch_tokens"])
+    autocast = torch.bfloat16 if args["dtype"] == "bfloat16" else None
+    mine = []
+    for batch, rank in zip(batches, assign_batches(batches, lengths, state.num_processes)):
+        if rank == state.process_index:
+            group = [seqs[i] for i in batch]
+            mine.extend(zip(batch, *(batch_logps(m, group, pad_id, state.device, autocast) for m in models)))
+    if state.num_processes > 1:
+        from accelerate.utils import gather_object
 
-    elapsed = time.time() - start_time
-    report = {"counts": counts, "seconds": round(elapsed, 3),
-              "tokens_per_second": round(counts["forward_tokens"] / max(elapsed, 1e-9), 1)}
-    if mode == "pairs":
-        report["accuracy"] = correct / scored_pairs if scored_pairs else None
-        report["scored_pairs"] = scored_pairs
-        report["ties"] = ties
-    if state.is_main_process:
-        versions = common.package_versions("torch", "transformers", "trl")
-        common.write_json(common.done_marker(out), {"args": args, **report, "versions": versions})
-        if summary is not None:
-            common.write_json(str(summary), {"args": args, **report})
-    state.wait_for_everyone()
+        mine = gather_object(mine)
+    results = {i: (p, q) for i, p, q in mine}
+    if len(results) != len(seqs):
+        raise DiceError(f"internal error: {len(results)} of {len(seqs)} sequences came back")
+    counts["forward_tokens"] += sum(lengths)
+    counts["padded_tokens"] += sum(len(b) * lengths[b[0]] for b in batches)
+    counts["completion_tokens"] += sum(len(ids) - max(start, 1) for ids, start in seqs)
+    return [results[i] for i in range(len(seqs))]
 
-    say(f"wrote {out} ({counts['rows']} rows, {counts['sequences']} sequences) and {common.done_marker(out)}")
-    say("counts: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+
+def score_chunk(chunk, tokenizer, models, state, args, counts):
+    """One chunk of (line, row): tokenize each row as TRL does, score its sequences, and return the output rows in
+    input order (log-probs, rewards, validity), counting as it goes."""
+    mode, min_chars, max_chars = args["mode"], args["min_chars"], args["max_chars"]
+    seqs, owners, row_seqs, row_starts = [], [], [], []  # the chunk's sequences; (row, slot) of each; per row
+    for r, (_, row) in enumerate(chunk):
+        these, starts, c = tokenize_row(tokenizer, row, mode, args["max_length"], args["truncation_mode"])
+        for key in ("truncated", "prompt_too_long", "boundary_merges"):
+            counts[key] += c[key]
+        counts["rows_with_split_mismatch"] += 0 < c["boundary_merges"] < len(these)
+        row_seqs.append(these)
+        row_starts.append(starts)
+        owners += [(r, k) for k, s in enumerate(these) if s is not None]
+        seqs += [s for s in these if s is not None]
+    lookup = dict(zip(owners, score_sequences(seqs, models, padding_id(tokenizer), state, args, counts)))
+    for (r, k), (p, q) in lookup.items():
+        if not (math.isfinite(p) and math.isfinite(q)):
+            raise DiceError(f"{args[mode]}:{chunk[r][0]}: non-finite log-prob (policy {p}, reference {q}) for "
+                            f"sequence {k}; the model produced nan/inf (with --dtype bfloat16 try float32); nothing "
+                            "was written")
+    rows = []
+    for r, (_, row) in enumerate(chunk):
+        pol, ref = zip(*(lookup.get((r, k), (0.0, 0.0)) for k in range(len(row_seqs[r]))))  # 0.0: nothing left
+        valid = None
+        if mode == "responses":
+            valid = [is_valid(y, f, min_chars, max_chars) and s is not None
+                     for y, f, s in zip(row["responses"], row["finish_reasons"], row_seqs[r])]
+            counts["invalid"] += valid.count(False)
+            counts["invalid_finish_length"] += row["finish_reasons"].count("length")
+            counts["invalid_chars"] += sum(not (min_chars < len(y) < max_chars) for y in row["responses"])
+        elif row_seqs[r][0] is not None:
+            margin = (pol[0] - ref[0]) - (pol[1] - ref[1])
+            counts["scored_pairs"] += 1
+            counts["correct"] += margin > 0
+            counts["ties"] += margin == 0
+        counts["rows"] += 1
+        counts["sequences"] += len(row_seqs[r])
+        rows.append(scored_row(row, mode, list(pol), list(ref), valid, row_starts[r]))
+    return rows
+
+
+def print_report(state, args, counts, record):
+    """The last lines: where the output is, the counts, what was cut or invalid, the accuracy, the speed."""
+    state.print(f"wrote {args['out']} ({counts['rows']} rows, {counts['sequences']} sequences) and "
+                f"{common.done_marker(args['out'])}")
+    state.print("counts: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     if counts["truncated"] or counts["prompt_too_long"]:
-        say(f"note: {counts['truncated']} sequences were cut to --max_length {max_length} ({truncation_mode}) as TRL "
-            f"cuts them; {counts['prompt_too_long']} had a prompt of >= {max_length} tokens (scored 0.0, invalid)")
-    if mode == "responses":
-        say(f"valid responses: {counts['sequences'] - counts['invalid']} of {counts['sequences']} "
-            f"(finish_reason length: {counts['invalid_finish_length']}, outside {min_chars} < chars < {max_chars}: "
-            f"{counts['invalid_chars']})")
+        state.print(f"note: {counts['truncated']} sequences were cut to --max_length {args['max_length']} "
+                    f"({args['truncation_mode']}) as TRL cuts them; {counts['prompt_too_long']} had a prompt of >= "
+                    f"{args['max_length']} tokens (scored 0.0, invalid)")
+    if args["mode"] == "responses":
+        state.print(f"valid responses: {counts['sequences'] - counts['invalid']} of {counts['sequences']} "
+                    f"(finish_reason length: {counts['invalid_finish_length']}, outside {args['min_chars']} < chars < "
+                    f"{args['max_chars']}: {counts['invalid_chars']})")
+    elif record["accuracy"] is None:
+        state.print("implicit-reward accuracy: no pair was scored")
     else:
-        acc = report["accuracy"]
-        say(f"implicit-reward accuracy: {acc:.4f} ({correct} of {scored_pairs} pairs with chosen_reward > "
-            f"rejected_reward; ties {ties})" if acc is not None else "implicit-reward accuracy: no pair was scored")
-    say(f"{elapsed:.1f} s, {report['tokens_per_second']} tokens/s ({dtype}, {state.num_processes} process(es))")
-    return None
+        state.print(f"implicit-reward accuracy: {record['accuracy']:.4f} ({counts['correct']} of "
+                    f"{counts['scored_pairs']} pairs with chosen_reward > rejected_reward; ties {counts['ties']})")
+    state.print(f"{record['tokens_per_second']} tokens/s ({args['dtype']}, {args['num_processes']} process(es))")
+
+
+# ----------------------------------------------------------------------------- the stage
+
+def main(
+    policy: str = None,
+    reference: str = None,
+    responses: str = None,
+    pairs: str = None,
+    out: str = None,
+    max_length: int = 4096,
+    truncation_mode: str = "keep_start",
+    min_chars: int = 3,
+    max_chars: int = 6700,
+    dtype: str = "float32",
+    batch_tokens: int = None,
+    chunk_rows: int = 256,
+    overwrite: bool = False,
+    trust_remote_code: bool = False,
+):
+    """Score responses (or pairs) with the DPO implicit reward log pi(y|x) - log pi_ref(y|x), TRL's own log-probs.
+
+    Args:
+        policy: the DPO model whose implicit reward ranks the responses (pi; round t: model t-1).
+        reference: its reference model (pi_ref; round 1: the SFT model, round t: model t-2).
+        responses: 01's responses.jsonl (K responses per prompt); give this or --pairs, not both.
+        pairs: preference pairs JSONL with prompt, chosen, rejected (scores and implicit-reward accuracy).
+        out: output JSONL; OUT.done.json is written beside it.
+        max_length: TRL's max_length: prompt+response is cut to this many tokens (DPOConfig.max_length).
+        truncation_mode: TRL's truncation_mode: keep_start (drop the end) or keep_end.
+        min_chars: a response with <= min_chars characters is invalid (paper code: 3).
+        max_chars: a response with >= max_chars characters is invalid (paper code: 6700).
+        dtype: float32 (exact, for checks) or bfloat16 (bf16 weights and autocast: fast).
+        batch_tokens: padded tokens per forward (batch x longest); default 16384 on GPUs, 1 on CPUs; lower on OOM.
+        chunk_rows: rows tokenized, sorted, scored and written together (memory stays flat).
+        overwrite: redo an output made with other arguments or inputs.
+        trust_remote_code: let transformers run code shipped with the model (off: safe default).
+    """
+    values = dict(locals())
+    state = start_processes()  # first: only the main process locks and writes
+    args = resolve_args(values, state)
+    state.print("02_score " + json.dumps(args), flush=True)
+    mode, path = args["mode"], args[args["mode"]]
+    inputs = {k: args[k] for k in ("policy", "reference", "responses", "pairs")}
+    with common.stage("02_score", args["out"], args, inputs=inputs, overwrite=args["overwrite"], ignore=SPEED_ONLY,
+                      main_process=state.is_main_process) as st:
+        num_rows, num_seqs = check_input(path, mode)
+
+        # ---- the two models, which must read the same tokens
+        tokenizer = common.load_tokenizer(args["policy"], args["trust_remote_code"])
+        check_same_tokenizer(tokenizer, common.load_tokenizer(args["reference"], args["trust_remote_code"]),
+                             args["policy"], args["reference"])
+        models = [load_scorer(args[who], args["dtype"], state.device, args["trust_remote_code"])
+                  for who in ("policy", "reference")]
+        state.print(f"scoring {num_rows} rows ({num_seqs} sequences) of {path} with {state.num_processes} "
+                    f"process(es) on {state.device}", flush=True)
+
+        # ---- r(x, y) = log pi(y|x) - log pi_ref(y|x), chunk by chunk, written in input order by the main process
+        counts, started = new_counts(mode), time.time()
+        with common.atomic_open(st.tmp) if state.is_main_process else contextlib.nullcontext() as f:
+            for chunk in chunks(path, args["chunk_rows"]):
+                rows = score_chunk(chunk, tokenizer, models, state, args, counts)
+                if f is not None:
+                    f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+                speed = counts["forward_tokens"] / max(time.time() - started, 1e-9)
+                state.print(f"  {counts['rows']}/{num_rows} rows, {speed:.0f} tokens/s", flush=True)
+        st.record.update(counts=counts, tokens_per_second=round(speed, 1))
+        if mode == "pairs":
+            st.record["accuracy"] = counts["correct"] / counts["scored_pairs"] if counts["scored_pairs"] else None
+    print_report(state, args, counts, st.record)
 
 
 if __name__ == "__main__":

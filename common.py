@@ -31,7 +31,8 @@ def cli(main):
     try:
         fire.Fire(main)
     except AlreadyDone as e:
-        print(e)
+        if int(os.environ.get("RANK", "0")) == 0:  # one line, also when several processes run the stage
+            print(e)
     except DiceError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -414,7 +415,12 @@ def stage(name, out, args, inputs=None, overwrite=False, seed=None, ignore=(), m
     st = Stage(name, out, args, inputs or {}, overwrite, seed, ignore, main_process)
     try:
         st.begin()
-        yield st
+        try:
+            yield st
+        except BaseException:
+            if main_process:
+                _remove(st.tmp)  # nothing half-written is left behind
+            raise
         if main_process:
             st.finish()
     finally:

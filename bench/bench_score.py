@@ -63,7 +63,10 @@ def run_02(model, rows, dtype, workdir):
     src = os.path.join(workdir, "responses.jsonl")
     common.write_jsonl(src, rows)
     out = os.path.join(workdir, f"scores_{dtype}.jsonl")
-    score.main(policy=model, reference=model, responses=src, out=out, dtype=dtype, overwrite=True)
+    for path in (out, common.done_marker(out)):  # each round scores again: a finished output is "done already"
+        if os.path.exists(path):
+            os.remove(path)
+    score.main(policy=model, reference=model, responses=src, out=out, dtype=dtype)
 
 
 def run_paper(model_path, tokenizer, rows, dtype):
@@ -108,7 +111,8 @@ def loop_and_raw(model_path, seqs, dtype):
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    models = [score.load_scorer(model_path, dtype, device, False) for _ in range(2)]  # plain calls stay the original forward
+    # plain model calls stay the original forward
+    models = [score.load_scorer(model_path, dtype, device, False) for _ in range(2)]
     autocast = torch.bfloat16 if dtype == "bfloat16" else None
     lengths = [len(ids) for ids, _ in seqs]
     tensors = [torch.tensor([ids], device=device) for ids, _ in seqs]
@@ -131,8 +135,9 @@ def loop_and_raw(model_path, seqs, dtype):
 
 
 def main(prompts=12, dtypes="float32", rounds=2):
-    import smollm2
     import torch
+
+    import smollm2
 
     prompts = common.as_int("prompts", prompts, minimum=1)
     dtypes = dtypes.split(",") if isinstance(dtypes, str) else list(dtypes)

@@ -81,7 +81,9 @@ def test_a_failing_body_publishes_nothing_and_a_killed_runs_tmp_is_rebuilt(tmp_p
             open(st.tmp, "w").write("half")
             raise RuntimeError("boom")
     assert not os.path.exists(out) and not os.path.exists(out + ".done.json") and not os.path.exists(out + ".lock")
-    run(out, {})  # the leftover OUT.tmp (as a kill leaves it) is removed, not resumed
+    assert not os.path.exists(out + ".tmp")  # an error removes what the body had written
+    open(out + ".tmp", "w").write("half")  # as a kill -9 leaves it
+    run(out, {})  # the leftover OUT.tmp is removed, not resumed
     assert open(out).read() == "result"
 
 

@@ -7,6 +7,7 @@ import re
 import shutil
 
 import pytest
+
 from conftest import load_script, run_script
 
 score = load_script("02_score")
@@ -16,7 +17,8 @@ DiceError = score.DiceError
 # starts with a letter (" reward" is one token), so the response starts before the prompt's end (as with Llama-2's
 # "[/INST] "); a response starting with "\n" does not merge.
 SPACE_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + ' ' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + ' ' + message['content'] + '<|im_end|>' + '\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant ' }}{% endif %}"
 )
 
@@ -27,7 +29,8 @@ PAIRS = [
     {"prompt": "List three uses of a paperclip.", "chosen": "1. hold paper 2. reset 3. pick a lock",
      "rejected": "reward"},
     {"prompt": "Explain why the sky is blue. " * 6, "chosen": "Light scatters.", "rejected": "Because it is."},
-    {"prompt": "Hello, how are you today?", "chosen": "\nFine, thank you.", "rejected": "reward is beta times the log ratio"},
+    {"prompt": "Hello, how are you today?", "chosen": "\nFine, thank you.",
+     "rejected": "reward is beta times the log ratio"},
 ]
 
 
@@ -75,7 +78,8 @@ def trl_logps(model_dir, rows, max_length, truncation_mode="keep_start"):
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     ds = Dataset.from_list([
-        {"prompt": [{"role": "user", "content": r["prompt"]}], "chosen": [{"role": "assistant", "content": r["chosen"]}],
+        {"prompt": [{"role": "user", "content": r["prompt"]}],
+         "chosen": [{"role": "assistant", "content": r["chosen"]}],
          "rejected": [{"role": "assistant", "content": r["rejected"]}], "idx": i} for i, r in enumerate(rows)])
     with tempfile.TemporaryDirectory() as d:
         args = DPOConfig(output_dir=d, report_to="none", bf16=False, use_cpu=True, precompute_ref_log_probs=True,
@@ -187,7 +191,8 @@ def test_pairs_equal_trl(case, tiny_policy, tiny_reference, space_models, tmp_pa
 
     # 02 scored on TRL's completion-positions-only path and gave the switch back: TRL below runs its own CPU path
     assert trl.trainer.utils._use_triton(torch.device("cpu")) is False
-    expect = {"policy": trl_logps(policy, PAIRS, max_length, mode), "reference": trl_logps(reference, PAIRS, max_length, mode)}
+    expect = {who: trl_logps(model, PAIRS, max_length, mode) for who, model in (("policy", policy),
+                                                                                 ("reference", reference))}
     counts = done["counts"]
     if case == "merge":
         assert counts["boundary_merges"] > 0 and counts["rows_with_split_mismatch"] > 0
@@ -353,24 +358,55 @@ def test_nan_logps_are_an_error_and_nothing_is_written(tiny_policy, tiny_referen
     assert sorted(os.listdir(tmp_path)) == ["broken", "r.jsonl"]
 
 
-def test_cli_one_line_error_and_no_silent_overwrite(tiny_policy, tiny_reference, tmp_path):
+def test_cli_one_line_errors_and_the_stage_protocol(tiny_policy, tiny_reference, tmp_path):
+    """Arguments first, output and counts last; a rerun is "done already" (exit 0); changed arguments or inputs are
+    refused with one line unless --overwrite, which redoes the output; speed settings are not compared."""
     src = write_jsonl(tmp_path / "r.jsonl", [GOOD])
     out = str(tmp_path / "scores.jsonl")
     cmd = ["python", "02_score.py", "--policy", tiny_policy, "--reference", tiny_reference, "--responses", src,
            "--out", out]
-    first = run_script(cmd)
-    assert "valid responses: 1 of 2" in first.stdout  # "Hi." has 3 characters and f"wrote {out}" in first.stdout
-    before = open(out).read()
-    again = run_script(cmd, check=False)
-    assert again.returncode == 2 and again.stderr.strip().splitlines() == [
-        f"error: {out} already exists; pass --overwrite to replace it"]
-    assert open(out).read() == before
+    first = run_script(cmd).stdout.splitlines()
+    assert json.loads(first[0].removeprefix("02_score "))["min_chars"] == 3
+    assert first[-4] == f"wrote {out} (1 rows, 2 sequences) and {out}.done.json"
+    assert first[-3].startswith("counts: rows 1, sequences 2, invalid 1, ")
+    assert first[-2].startswith("valid responses: 1 of 2")  # "Hi." has 3 characters
+    before, marker = open(out).read(), open(out + ".done.json").read()
+    done = f"{out}: done already (same arguments and inputs; see {out}.done.json)"
+    for extra in ([], ["--batch_tokens", "7", "--chunk_rows", "3"], ["--overwrite"]):
+        again = run_script(cmd + extra)
+        assert again.stdout.strip().splitlines()[-1] == done and again.stderr.strip() == ""
+    changed = run_script(cmd + ["--min_chars", "1"], check=False)
+    assert changed.returncode == 2 and changed.stderr.strip().splitlines() == [
+        f"error: {out} was made with other arguments or inputs (min_chars: 3 -> 1); pass --overwrite to redo it"]
+    assert (open(out).read(), open(out + ".done.json").read()) == (before, marker)
+    redo = run_script(cmd + ["--min_chars", "1", "--overwrite"])
+    assert "valid responses: 2 of 2" in redo.stdout
+    assert [r["valid"] for r in read_jsonl(out)] == [[True, True]]
+    assert json.load(open(out + ".done.json"))["args"]["min_chars"] == 1
+    write_jsonl(src, [GOOD, GOOD])
+    moved = run_script(cmd + ["--min_chars", "1"], check=False)
+    assert moved.returncode == 2 and moved.stderr.strip() == (
+        f"error: {out} was made with other arguments or inputs (input --responses changed); pass --overwrite to "
+        "redo it")
     bad = write_jsonl(tmp_path / "bad.jsonl", [GOOD, {**GOOD, "finish_reasons": ["stop"]}])
     proc = run_script(cmd[:6] + [bad, "--out", str(tmp_path / "x.jsonl")], check=False)
     assert proc.returncode == 2 and proc.stderr.strip() == f"error: {bad}:2: 2 responses but 1 finish_reasons"
     assert not os.path.exists(tmp_path / "x.jsonl")
-    redo = run_script(cmd + ["--overwrite"])
-    assert "wrote" in redo.stdout and json.load(open(out + ".done.json"))["args"]["overwrite"] is True
+    assert sorted(os.listdir(tmp_path)) == ["bad.jsonl", "r.jsonl", "scores.jsonl", "scores.jsonl.done.json"]
+
+
+def test_done_already_is_decided_before_any_model_is_loaded(tiny_policy, tiny_reference, tmp_path, monkeypatch):
+    run_main(tmp_path, tiny_policy, tiny_reference, [GOOD], mode="responses")
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model or tokenizer was loaded")
+
+    monkeypatch.setattr(score.common, "load_tokenizer", no_loading)
+    monkeypatch.setattr(score, "load_scorer", no_loading)
+    with pytest.raises(score.common.AlreadyDone, match="done already"):
+        run_main(tmp_path, tiny_policy, tiny_reference, [GOOD], mode="responses")
+    with pytest.raises(DiceError, match=r"other arguments or inputs \(dtype: 'float32' -> 'bfloat16'\)"):
+        run_main(tmp_path, tiny_policy, tiny_reference, [GOOD], mode="responses", dtype="bfloat16")
 
 
 # ----------------------------------------------------------------------------- several processes, real model
@@ -389,6 +425,12 @@ def test_accelerate_two_processes_write_the_single_process_output(tiny_policy, t
     assert "with 2 process(es)" in two.stdout and two.stdout.count("wrote ") == 1  # one writer
     assert json.load(open(tmp_path / "two.jsonl.done.json"))["args"]["num_processes"] == 2
     assert open(tmp_path / "two.jsonl").read() == open(tmp_path / "one.jsonl").read()
+    # every process decides "done already" on a rerun; one process on the two-process output decides the same
+    again = run_script(["python", "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+                       + common_args + ["--out", str(tmp_path / "two.jsonl")], env=env)
+    assert again.stdout.count("done already") == 2 and "wrote" not in again.stdout
+    alone = run_script(["python"] + common_args + ["--out", str(tmp_path / "two.jsonl")], env=env)
+    assert "done already" in alone.stdout
     assert sorted(os.listdir(tmp_path)) == ["one.jsonl", "one.jsonl.done.json", "r.jsonl", "two.jsonl",
                                             "two.jsonl.done.json"]
 
