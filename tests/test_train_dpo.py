@@ -13,6 +13,7 @@ import shutil
 
 import pytest
 
+import common
 from conftest import load_script, run_script
 
 train = load_script("04_train_dpo")
@@ -20,15 +21,19 @@ DiceError = train.DiceError
 
 WORDS = ("the quick brown fox jumps over the lazy dog a language model assigns a probability to every sequence "
          "paris is the capital of france write a short poem about the sea explain why the sky is blue").split()
-# A tiny run: large learning rate so parameters visibly move, no warmup, every step logged and evaluated.
-FAST = dict(max_steps=3, warmup_steps=0, learning_rate=1e-3, per_device_train_batch_size=2,
-            gradient_accumulation_steps=1, eval_size=2, eval_steps=1, logging_steps=1, gradient_checkpointing=False)
+# A tiny run: large learning rate so parameters visibly move, every step logged and evaluated; the schedule is the
+# default (constant: no warmup, as in the paper's runs).
+FAST = dict(max_steps=3, learning_rate=1e-3, per_device_train_batch_size=2, gradient_accumulation_steps=1,
+            eval_size=2, eval_steps=1, logging_steps=1, gradient_checkpointing=False)
 LOG2 = math.log(2)
 
 
 def make_pairs(n, seed=0):
     r = random.Random(seed)
-    sentence = lambda lo, hi: " ".join(r.choice(WORDS) for _ in range(r.randint(lo, hi)))
+
+    def sentence(lo, hi):
+        return " ".join(r.choice(WORDS) for _ in range(r.randint(lo, hi)))
+
     return [{"prompt": sentence(3, 8) + "?", "chosen": sentence(2, 12) + ".", "rejected": sentence(2, 12) + ".",
              "prompt_id": f"p{i}"} for i in range(n)]
 
@@ -70,8 +75,9 @@ def pairs(tiny_policy, tmp_path_factory):
 
 
 def run(model, pairs_path, out, **kwargs):
+    """main() with FAST and `kwargs`; returns (its done marker OUT.done.json, the logged metrics)."""
     train.main(model=model, pairs=pairs_path, out=str(out), **{**FAST, **kwargs})
-    with open(os.path.join(out, "dice_train.json")) as f:
+    with open(f"{out}.done.json") as f:
         record = json.load(f)
     with open(os.path.join(out, "metrics.jsonl")) as f:
         metrics = [json.loads(line) for line in f]
@@ -86,7 +92,8 @@ def train_logs(metrics):
 
 def test_read_pairs_converts_to_trl_conversational_rows(tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", [
-        {"prompt": "Hi?", "chosen": "Hello.", "rejected": "Go away.", "ref_chosen_logps": -3, "ref_rejected_logps": -4.5},
+        {"prompt": "Hi?", "chosen": "Hello.", "rejected": "Go away.", "ref_chosen_logps": -3,
+         "ref_rejected_logps": -4.5},
         {"prompt": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi?"}],
          "chosen": "a", "rejected": "b", "ref_chosen_logps": -1.0, "ref_rejected_logps": None, "extra": 1},
     ])
@@ -128,42 +135,65 @@ def test_split_eval_is_seeded_disjoint_and_checked():
         train.split_eval(rows, 20, seed=3)
 
 
-def test_dpo_options_pass_through_with_types_and_clear_errors():
-    got = train.dpo_options({"loss_type": "ipo", "gradient_checkpointing": "False", "weight_decay": 0,
+def test_dpo_options_are_typed_by_hfargumentparser_with_one_line_errors():
+    """Values as fire hands them over (strings, numbers, bools, a tuple for 1,2, a dict) typed by transformers'
+    HfArgumentParser on DPOConfig; errors are DiceErrors, never argparse's usage text and exit."""
+    got = train.dpo_options({"loss_type": ("sigmoid", "ipo"), "gradient_checkpointing": "False", "weight_decay": 0,
                              "max_grad_norm": 2, "save_only_model": True, "report_to": "wandb",
-                             "gradient_checkpointing_kwargs": '{"use_reentrant": false}', "precompute_ref_batch_size": "none",
-                             "loss_weights": (1, 2), "pad_to_multiple_of": "8"})
-    assert got == {"loss_type": ["ipo"], "gradient_checkpointing": False, "weight_decay": 0.0, "max_grad_norm": 2.0,
-                   "save_only_model": True, "report_to": "wandb", "gradient_checkpointing_kwargs": {"use_reentrant": False},
-                   "precompute_ref_batch_size": None, "loss_weights": [1.0, 2.0], "pad_to_multiple_of": 8}
+                             "gradient_checkpointing_kwargs": {"use_reentrant": False}, "precompute_ref_batch_size": 8,
+                             "loss_weights": (1, 2), "lr_scheduler_type": "cosine"})
+    assert got == {"loss_type": ["sigmoid", "ipo"], "gradient_checkpointing": False, "weight_decay": 0.0,
+                   "max_grad_norm": 2.0, "save_only_model": True, "report_to": "wandb",
+                   "gradient_checkpointing_kwargs": '{"use_reentrant": false}',
+                   "precompute_ref_batch_size": 8, "loss_weights": [1.0, 2.0], "lr_scheduler_type": "cosine"}
+    from trl import DPOConfig
+
+    config = DPOConfig(output_dir="unused", bf16=False, **got)  # DPOConfig itself reads the dict field's JSON
+    assert config.gradient_checkpointing_kwargs == {"use_reentrant": False} and config.loss_weights == [1.0, 2.0]
     with pytest.raises(DiceError, match=r"unknown option --lerning_rate.*did you mean --learning_rate"):
         train.dpo_options({"lerning_rate": 1e-6})
-    with pytest.raises(DiceError, match="--output_dir is not accepted"):
-        train.dpo_options({"output_dir": "x"})
-    with pytest.raises(DiceError, match="--max_grad_norm expects float"):
+    with pytest.raises(DiceError, match=r"invalid training option: argument --max_grad_norm.*invalid float value"):
         train.dpo_options({"max_grad_norm": "big"})
+    with pytest.raises(DiceError, match=r"invalid training option: .*--save_only_model.*Truthy value expected"):
+        train.dpo_options({"save_only_model": "maybe"})
+    with pytest.raises(DiceError, match=r"invalid choice: 'constnt'"):
+        train.dpo_options({"lr_scheduler_type": "constnt"})
+
+
+@pytest.mark.parametrize("name", ["output_dir", "resume_from_checkpoint", "model_init_kwargs", "resume"])
+def test_options_this_script_owns_are_refused_before_anything_runs(tmp_path, name):
+    with pytest.raises(DiceError, match=f"--{name} is not accepted"):
+        train.main(model=str(tmp_path / "missing"), pairs=str(tmp_path / "missing.jsonl"), out=str(tmp_path / "o"),
+                   **{name: "x"})
+    assert os.listdir(tmp_path) == []
 
 
 def test_rows_needing_ref_logps_flags_missing_and_truncated():
     from datasets import Dataset
 
+    ref = {"ref_chosen_logps": -1.0, "ref_rejected_logps": -2.0}
+    none = dict.fromkeys(ref)
     ds = Dataset.from_list([
-        {"prompt_ids": [1, 2], "chosen_ids": [3], "rejected_ids": [4, 5], "ref_chosen_logps": -1.0, "ref_rejected_logps": -2.0},
-        {"prompt_ids": [1, 2], "chosen_ids": [3], "rejected_ids": [4], "ref_chosen_logps": None, "ref_rejected_logps": None},
-        {"prompt_ids": [1, 2], "chosen_ids": [3, 3, 3], "rejected_ids": [4], "ref_chosen_logps": -1.0, "ref_rejected_logps": -2.0},
+        {"prompt_ids": [1, 2], "chosen_ids": [3], "rejected_ids": [4, 5], **ref},
+        {"prompt_ids": [1, 2], "chosen_ids": [3], "rejected_ids": [4], **none},
+        {"prompt_ids": [1, 2], "chosen_ids": [3, 3, 3], "rejected_ids": [4], **ref},
     ])
     assert train.rows_needing_ref_logps(ds, max_length=4) == [1, 2]  # row 2: 2 + 3 tokens > 4, truncated
     assert train.rows_needing_ref_logps(ds, max_length=None) == [1]
     assert train.rows_needing_ref_logps(ds.remove_columns(list(train.REF_COLUMNS)), max_length=None) == [0, 1, 2]
 
 
-def test_last_checkpoint_skips_incomplete_ones(tmp_path):
-    assert train.last_checkpoint(str(tmp_path / "none")) is None
+def test_latest_checkpoint_skips_and_removes_incomplete_ones(tmp_path):
+    from transformers.trainer_utils import get_last_checkpoint
+
+    assert train.latest_checkpoint(str(tmp_path / "none")) is None
     for step, complete in ((2, True), (10, True), (12, False)):
         os.makedirs(tmp_path / f"checkpoint-{step}")
         if complete:
             (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
-    assert train.last_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-10")
+    assert get_last_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-12")  # transformers alone takes the cut one
+    assert train.latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-10")
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-10", "checkpoint-2"]
 
 
 # ----------------------------------------------------------------------------- DPO behaviour
@@ -189,7 +219,8 @@ def test_first_step_loss_is_log2_when_policy_is_reference(tiny_policy, pairs, tm
 
 
 def test_reused_logps_follow_the_on_the_fly_reference_trajectory(tiny_policy, pairs, tmp_path):
-    """(b) same seed, same data: supplied log-probs give the trajectory of TRL's default (reference forward per step)."""
+    """(b) same seed, same data: supplied log-probs give the trajectory of TRL's default (reference forward per
+    step)."""
     plain, with_ref, _ = pairs
     _, reused = run(tiny_policy, with_ref, tmp_path / "reused", max_steps=4)
     _, online = run(tiny_policy, plain, tmp_path / "fly", max_steps=4, reuse_ref_logps=False,
@@ -222,9 +253,29 @@ def test_tampered_logps_change_the_loss_by_the_known_amount(tiny_policy, pairs, 
     assert abs(first["rewards/chosen"] - 0.1 * 10.0 / 10) < 1e-5  # mean over rows of beta * (logp - ref)
 
 
-def test_no_reference_forward_and_no_reference_model_when_all_rows_supply_logps(tiny_policy, pairs, tmp_path, monkeypatch):
+def test_default_schedule_is_flat_from_step_1_as_in_the_papers_runs(tiny_policy, pairs, tmp_path):
+    """The official script's `--lr_scheduler_type constant --warmup_steps 50` trained at the full rate from step 1:
+    transformers' constant schedule ignores warmup. The defaults (constant, 0 warmup steps) reproduce that."""
+    import torch
+    from transformers import get_scheduler
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=5e-7)
+    official = get_scheduler("constant", optimizer, num_warmup_steps=50, num_training_steps=300)
+    assert official.get_last_lr() == [5e-7]  # no warmup despite num_warmup_steps=50
+    _, with_ref, _ = pairs
+    _, metrics = run(tiny_policy, with_ref, tmp_path / "out", max_steps=2, eval_size=0, learning_rate=5e-7)
+    assert [(m["step"], m["learning_rate"]) for m in train_logs(metrics)] == [(1, 5e-7), (2, 5e-7)]
+    with open(tmp_path / "out" / "training_args.json") as f:
+        config = json.load(f)
+    assert (config["lr_scheduler_type"], config["warmup_steps"]) == ("constant", 0)
+
+
+def test_no_reference_forward_and_no_reference_model_when_all_rows_supply_logps(tiny_policy, pairs, tmp_path,
+                                                                               monkeypatch):
     plain, with_ref, _ = pairs
     import trl.trainer.dpo_trainer as trl_dpo
+
+    assert issubclass(train.DiceDPOTrainer, trl_dpo.DPOTrainer)  # built on first use, reachable as a module attribute
 
     def forbidden(*args, **kwargs):
         raise AssertionError("a reference forward ran")
@@ -232,7 +283,8 @@ def test_no_reference_forward_and_no_reference_model_when_all_rows_supply_logps(
     monkeypatch.setattr(trl_dpo.DPOTrainer, "compute_ref_log_probs", forbidden)
     monkeypatch.setattr(trl_dpo, "hash_module", forbidden)  # not even TRL's hash of the weights for its cache
     record, _ = run(tiny_policy, with_ref, tmp_path / "out", max_steps=2)
-    assert record["reference_logps"] == {"train": {"supplied": 8, "computed": 0}, "eval": {"supplied": 2, "computed": 0}}
+    assert record["reference_logps"] == {"train": {"supplied": 8, "computed": 0},
+                                         "eval": {"supplied": 2, "computed": 0}}
     assert record["reference_model_in_memory"] is False
     with pytest.raises(AssertionError, match="a reference forward ran"):  # the guard works: plain rows need one
         run(tiny_policy, plain, tmp_path / "out2", max_steps=1)
@@ -252,7 +304,7 @@ def test_mixed_rows_compute_only_the_missing_logps(tiny_policy, pairs, tmp_path)
 def test_long_pairs_are_truncated_and_counted_and_long_prompts_dropped(tiny_policy, pairs, tmp_path):
     _, _, rows = pairs
     rows = [dict(r) for r in rows[:6]]
-    rows[0]["chosen"] = " ".join(["language model"] * 40)  # 200 tokens: truncated at max_length 64 (the others are <= 52)
+    rows[0]["chosen"] = " ".join(["language model"] * 40)  # 200 tokens: truncated at max_length 64 (others <= 52)
     rows[1]["prompt"] = " ".join(["probability"] * 60)  # a 122-token prompt alone fills max_length: TRL drops the pair
     path = write_jsonl(tmp_path / "long.jsonl", rows)
     record, metrics = run(tiny_policy, path, tmp_path / "out", max_steps=1, eval_size=0, max_length=64,
@@ -285,12 +337,14 @@ def test_output_is_a_complete_loadable_model_folder_with_changed_weights(tiny_po
     record, metrics = run(tiny_policy, with_ref, out)
     files = sorted(os.listdir(out))
     assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-            "trainer_state.json", "metrics.jsonl", "loss.png", "training_args.json", "dice_train.json"} <= set(files)
+            "trainer_state.json", "metrics.jsonl", "loss.png", "training_args.json"} <= set(files)
     assert not [f for f in files if f.endswith((".bin", ".pt", ".pth", ".pkl"))]  # no pickle next to the model
-    assert not os.path.exists(f"{out}.work") and not os.path.exists(f"{out}.tmp.incomplete")
-    with open(f"{out}.done.json") as f:
-        assert json.load(f) == record
+    assert sorted(os.listdir(tmp_path)) == ["model", "model.done.json"]  # no work, tmp or lock left behind
+    assert record["stage"] == "04_train_dpo" and record["output"]["fingerprint"] == common.fingerprint(str(out))
+    assert record["inputs"]["model"]["fingerprint"] == common.fingerprint(tiny_policy)
     assert record["args"]["seed"] == 42 and record["global_step"] == 3 and record["counts"]["train"] == 8
+    with open(out / "training_args.json") as f:
+        assert json.load(f)["beta"] == 0.1
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with open(out / "trainer_state.json") as f:
         assert json.load(f)["log_history"] == metrics
@@ -309,17 +363,49 @@ def test_output_is_a_complete_loadable_model_folder_with_changed_weights(tiny_po
     assert generated.shape[1] == ids.shape[1] + 3
 
 
-def test_existing_out_is_refused_then_overwritten_only_when_asked(tiny_policy, pairs, tmp_path):
+def test_a_folder_that_is_not_a_finished_output_is_refused_then_replaced_only_when_asked(tiny_policy, pairs, tmp_path):
     plain, _, _ = pairs
     out = tmp_path / "model"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(DiceError, match="already exists; pass --overwrite"):
+    with pytest.raises(DiceError, match="already exists but is not a finished output.*pass --overwrite"):
         run(tiny_policy, plain, out, max_steps=1)
-    assert (out / "keep.txt").read_text() == "mine"
+    assert os.listdir(tmp_path) == ["model"] and (out / "keep.txt").read_text() == "mine"
     run(tiny_policy, plain, out, max_steps=1, overwrite=True)
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
-    assert not os.path.exists(f"{out}.tmp.old")
+    assert sorted(os.listdir(tmp_path)) == ["model", "model.done.json"]
+
+
+def test_rerun_is_done_already_changed_arguments_are_refused_and_overwrite_redoes(tiny_policy, pairs, tmp_path):
+    """The stage protocol on a real training run: the same command again is "done already" (exit 0, within seconds:
+    neither torch nor TRL is imported); other arguments are refused with one line; --overwrite redoes the output."""
+    import torch
+    from safetensors.torch import load_file
+
+    _, with_ref, _ = pairs
+    out = tmp_path / "model"
+    first, _ = run(tiny_policy, with_ref, out, max_steps=1)
+    blocked = tmp_path / "no_torch"  # importing torch or trl here fails: the answer must come before them
+    for name in ("torch", "trl", "transformers"):
+        (blocked / name).mkdir(parents=True)
+        (blocked / name / "__init__.py").write_text(f"raise ImportError('{name} imported')\n")
+    flags = [a for k, v in {**FAST, "max_steps": 1}.items() for a in (f"--{k}", str(v))]
+    proc = run_script(["python", "04_train_dpo.py", "--model", tiny_policy, "--pairs", with_ref, "--out", out, *flags],
+                      env={"PYTHONPATH": str(blocked)})
+    assert proc.stdout.strip() == f"{out}: done already (same arguments and inputs; see {out}.done.json)"
+    with pytest.raises(common.AlreadyDone):  # --overwrite with the same arguments and inputs: still done
+        run(tiny_policy, with_ref, out, max_steps=1, overwrite=True)
+    with pytest.raises(DiceError, match=r"made with other arguments or inputs \(beta: 0.1 -> 0.2\); pass --overwrite"):
+        run(tiny_policy, with_ref, out, max_steps=1, beta=0.2)
+    with pytest.raises(DiceError, match=r"\(options: .*\)"):  # the extra DPOConfig fields count too
+        run(tiny_policy, with_ref, out, max_steps=1, weight_decay=0.1)
+    assert json.load(open(f"{out}.done.json")) == first
+    weights = load_file(out / "model.safetensors")
+    second, _ = run(tiny_policy, with_ref, out, max_steps=1, beta=0.2, overwrite=True)
+    assert second["args"]["beta"] == 0.2 and second["output"]["fingerprint"] == common.fingerprint(str(out))
+    redone = load_file(out / "model.safetensors")
+    assert any(not torch.equal(weights[k], redone[k]) for k in weights)  # beta 0.2 moves the weights differently
+    assert sorted(os.listdir(tmp_path)) == ["model", "model.done.json", "no_torch"]
 
 
 def test_resume_continues_from_the_last_complete_checkpoint(tiny_policy, pairs, tmp_path):
@@ -338,17 +424,17 @@ def test_resume_continues_from_the_last_complete_checkpoint(tiny_policy, pairs, 
         if name != "config.json":
             os.remove(os.path.join(work, "checkpoint-4", name))
 
-    with pytest.raises(DiceError, match="holds checkpoints of an earlier run"):
-        run(tiny_policy, with_ref, out, max_steps=4, save_steps=2, save_total_limit=2)
-    with pytest.raises(DiceError, match=r"--resume: .* other settings \(beta\)"):
-        run(tiny_policy, with_ref, out, max_steps=4, save_steps=2, save_total_limit=2, resume=True, beta=0.2)
-    record, metrics = run(tiny_policy, with_ref, out, max_steps=4, save_steps=2, save_total_limit=2, resume=True)
+    with pytest.raises(DiceError, match=rf"{work} holds an unfinished run with other settings \(beta: 0.1 -> 0.2\)"):
+        run(tiny_policy, with_ref, out, max_steps=4, save_steps=2, save_total_limit=2, beta=0.2)
+    assert {"checkpoint-2", "checkpoint-4"} <= set(os.listdir(work))  # refused: nothing discarded
+    # The same command again resumes by itself, from the last complete checkpoint (the cut-off one is removed).
+    record, metrics = run(tiny_policy, with_ref, out, max_steps=4, save_steps=2, save_total_limit=2)
     assert record["resumed_from"] == os.path.join(work, "checkpoint-2")
     assert [m["step"] for m in train_logs(metrics)] == [1, 2, 3, 4]  # history before the checkpoint kept
     resumed = load_file(out / "model.safetensors")
     for key in uninterrupted:
         assert torch.allclose(uninterrupted[key], resumed[key], atol=1e-6), key
-    assert not os.path.exists(work)
+    assert not os.path.exists(work) and not os.path.exists(f"{work}.args.json")
 
 
 # ----------------------------------------------------------------------------- the command line, as a user runs it
@@ -360,9 +446,17 @@ def test_cli_errors_are_one_line_and_write_nothing(tiny_policy, pairs, tmp_path)
     cases = [
         (["--model", tiny_policy, "--pairs", bad, "--out", tmp_path / "o1"], f"error: {bad}:2: bad JSON"),
         (["--model", tmp_path / "missing", "--pairs", plain, "--out", tmp_path / "o2"], "error: model not found"),
-        (["--model", tiny_policy, "--pairs", plain, "--out", tmp_path / "o3", "--lerning_rate", "1e-6"],
+        (["--model", tiny_policy, "--pairs", plain, "--out", tmp_path / "o3", "--eval_size", "0",
+          "--lerning_rate", "1e-6"],
          "error: unknown option --lerning_rate: neither an argument of 04_train_dpo.py nor a DPOConfig field "
          "(did you mean --learning_rate?)"),
+        (["--model", tiny_policy, "--pairs", plain, "--out", tmp_path / "o4", "--eval_size", "0",
+          "--max_grad_norm", "big"],
+         "error: invalid training option: argument --max_grad_norm/--max-grad-norm: invalid float value: 'big'"),
+        (["--model", tiny_policy, "--pairs", plain, "--out", tmp_path / "o5", "--warmup_steps", "50"],
+         "error: --warmup_steps has no effect with --lr_scheduler_type constant"),
+        (["--model", tiny_policy, "--pairs", plain, "--out", tmp_path / "o6", "--max_steps", "0"],
+         "error: --max_steps must be >= 1, got 0"),
     ]
     for args, message in cases:
         proc = run_script(["python", "04_train_dpo.py", *args], check=False)
@@ -375,8 +469,13 @@ def test_cli_errors_are_one_line_and_write_nothing(tiny_policy, pairs, tmp_path)
 @pytest.mark.slow
 def test_accelerate_launch_two_cpu_processes(tiny_policy, pairs, tmp_path):
     """(e) the multi-process path: 2 CPU processes under `accelerate launch` (DDP on gloo), mixed supplied rows, so
-    TRL's precompute of the missing rows runs across processes too. (accelerate 1.15's `launch --cpu --num_processes 2`
-    starts one process without mpirun, hence configs/accelerate/cpu_2proc.yaml, whose torchrun launcher starts two.)"""
+    TRL's precompute of the missing rows runs across processes too; then, as after a kill, a rerun resumes from the
+    last complete checkpoint in both processes, and the next rerun is "done already". (accelerate 1.15's `launch --cpu
+    --num_processes 2` starts one process without mpirun, hence configs/accelerate/cpu_2proc.yaml, whose torchrun
+    launcher starts two.)"""
+    import torch
+    from safetensors.torch import load_file
+
     _, _, rows = pairs
     mixed = [dict(r) for r in rows]
     for r in mixed[::2]:
@@ -384,20 +483,41 @@ def test_accelerate_launch_two_cpu_processes(tiny_policy, pairs, tmp_path):
     path = write_jsonl(tmp_path / "mixed.jsonl", mixed)
     out = tmp_path / "model"
     port = str(29500 + os.getpid() % 1000)
-    proc = run_script(["accelerate", "launch", "--config_file", "configs/accelerate/cpu_2proc.yaml",
-                       "--main_process_port", port, "04_train_dpo.py", "--model", tiny_policy, "--pairs", path,
-                       "--out", out, "--max_steps", "2", "--warmup_steps", "0", "--eval_size", "2", "--eval_steps", "1",
-                       "--logging_steps", "1", "--learning_rate", "1e-3", "--gradient_checkpointing", "False"],
-                      env={"CUDA_VISIBLE_DEVICES": ""})
-    assert f"wrote {out}" in proc.stdout
-    with open(out / "dice_train.json") as f:
+
+    def launch(*extra):
+        return run_script(["accelerate", "launch", "--config_file", "configs/accelerate/cpu_2proc.yaml",
+                           "--main_process_port", port, "04_train_dpo.py", "--model", tiny_policy, "--pairs", path,
+                           "--out", out, "--max_steps", "2", "--eval_size", "2", "--eval_steps", "1",
+                           "--logging_steps", "1", "--learning_rate", "1e-3", "--save_steps", "1",
+                           "--save_total_limit", "2", "--gradient_checkpointing", "False", *extra],
+                          env={"CUDA_VISIBLE_DEVICES": ""})
+
+    proc = launch("--keep_checkpoints", "true")
+    assert proc.stdout.count(f"wrote {out}") == 1  # the main process alone prints
+    with open(f"{out}.done.json") as f:
         record = json.load(f)
     assert record["global_step"] == 2 and record["processes"] == 2
     assert record["reference_logps"]["train"]["supplied"] + record["reference_logps"]["train"]["computed"] == 8
     assert record["reference_logps"]["train"]["computed"] >= 1
     first = train_logs([json.loads(line) for line in open(out / "metrics.jsonl")])[0]
     assert abs(first["loss"] - LOG2) < 1e-5  # 2 processes x 2 pairs, all at log 2
-    assert os.path.exists(out / "model.safetensors") and not os.path.exists(f"{out}.work")
+    uninterrupted = load_file(out / "model.safetensors")
+
+    work = f"{out}.work"  # as a kill while checkpoint-2 was written leaves it
+    shutil.rmtree(out)
+    os.remove(f"{out}.done.json")
+    os.remove(os.path.join(work, "checkpoint-2", "trainer_state.json"))
+    launch()
+    with open(f"{out}.done.json") as f:
+        record = json.load(f)
+    assert record["resumed_from"] == os.path.join(work, "checkpoint-1") and record["processes"] == 2
+    resumed = load_file(out / "model.safetensors")
+    assert all(torch.allclose(uninterrupted[k], resumed[k], atol=1e-6) for k in uninterrupted)
+    assert not os.path.exists(work) and not os.path.exists(f"{work}.args.json")
+    marker = open(f"{out}.done.json").read()
+    proc = launch()
+    assert f"{out}: done already" in proc.stdout and "wrote" not in proc.stdout  # no process trains again
+    assert open(f"{out}.done.json").read() == marker
 
 
 def test_accelerate_configs_are_valid():
@@ -418,7 +538,8 @@ VLLM_CHECK = """
 import json, sys
 from vllm import LLM, SamplingParams
 llm = LLM(model=sys.argv[1], dtype="float32", seed=0, max_model_len=256)
-out = llm.generate([{"prompt_token_ids": json.loads(sys.argv[2])}], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+out = llm.generate([{"prompt_token_ids": json.loads(sys.argv[2])}], params)
 print("TOKENS", json.dumps(list(out[0].outputs[0].token_ids)))
 """
 
@@ -434,8 +555,9 @@ def test_output_loads_in_vllm_as_is(pairs, tmp_path):
     except Exception as e:  # ImportError, or a broken install
         pytest.skip(f"vllm does not import: {e}")
     import torch
-    import tiny_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    import tiny_model
 
     tok = tiny_model.build_tokenizer()
     config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -456,7 +578,8 @@ def test_output_loads_in_vllm_as_is(pairs, tmp_path):
     ids = hf_tok.apply_chat_template([{"role": "user", "content": "Why is the sky blue?"}], add_generation_prompt=True)
     ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
     model = AutoModelForCausalLM.from_pretrained(out, use_safetensors=True)
-    hf = model.generate(torch.tensor([ids]), max_new_tokens=4, do_sample=False, eos_token_id=None)[0, len(ids):].tolist()
+    generated = model.generate(torch.tensor([ids]), max_new_tokens=4, do_sample=False, eos_token_id=None)
+    hf = generated[0, len(ids):].tolist()
     proc = run_script(["python", "-c", VLLM_CHECK, out, json.dumps(ids)], env={"VLLM_CPU_KVCACHE_SPACE": "1"})
-    line = [l for l in proc.stdout.splitlines() if l.startswith("TOKENS ")][-1]
+    line = [text for text in proc.stdout.splitlines() if text.startswith("TOKENS ")][-1]
     assert json.loads(line[len("TOKENS "):]) == hf
