@@ -18,11 +18,18 @@ response), the response starts where the two token lists first differ (earlier t
 across the boundary), prompt+response is cut to --max_length (--truncation_mode keep_start, TRL's default, or
 keep_end), and the sum runs through TRL's own fused LM head (on its completion-positions-only path, which TRL takes on
 GPUs, on every device). Stage 4 reuses these numbers as the reference log-probs.
+The chat template is the tokenizers' own, or --chat_template FILE for both models (stage 4 must get the same file):
+the official runs' formats are configs/templates/zephyr-dice.jinja, with which the scored tokens of a response are
+those of `{response}</s>` after the prompt `<|system|>\\n </s>\\n<|user|>\\n{prompt}</s>\\n<|assistant|>\\n`, and
+llama3-dice.jinja (`{response}<|eot_id|>`).
 In --pairs mode the split is TRL's min over chosen and rejected; in --responses mode each response has its own split
 (the same as TRL's for any pair of responses that split at the same place: all of them, unless a response starts with
 whitespace that merges with the prompt's last token; those are counted as `boundary_merges`). Each row records the
 splits as `completion_starts`; 03 passes reference log-probs to stage 4 only for pairs whose two splits agree.
 
+Input: a .jsonl file (streamed; errors name file:line), a .json file (a list of objects, or JSON lines as the official
+DICE data), a .parquet file, a folder saved with datasets' `save_to_disk`, or a hub dataset id (--split picks the split
+of a folder or hub dataset) -- common.read_rows.
 Input -> output (JSONL, one row per line; other fields are kept as they are):
   --responses: 01's rows `prompt_id`, `prompt` (string or messages), `responses` (K strings), `finish_reasons` (K of
       "stop"/"length"), `num_tokens`, `generator`  ->  plus `policy_logps` (K floats), `reference_logps` (K),
@@ -30,7 +37,12 @@ Input -> output (JSONL, one row per line; other fields are kept as they are):
       token where each response starts in the tokenized conversation). A response is valid when its finish
       reason is not "length" and --min_chars < len(response) < --max_chars (the paper code's 3 and 6700). Invalid
       responses are still scored; `valid` says they must not be ranked.
-  --pairs: rows `prompt`, `chosen`, `rejected`  ->  plus `policy_chosen_logps`, `policy_rejected_logps`,
+  --pairs: pairs in any shape common.read_pair reads: `prompt`, `chosen`, `rejected` strings; TRL's conversational
+      format (prompt as messages, chosen/rejected as one assistant turn); or full conversations whose last turn is
+      the answer (HuggingFaceH4/ultrafeedback_binarized; `prompt` then optional). The output row is the input row with
+      prompt/chosen/rejected rewritten in the project's pair shape, which 03 --offline and 04 read: prompt a string
+      (one user turn) or the messages before the answer, chosen/rejected the answer strings; every other field (e.g.
+      prompt_id, messages, score_chosen) is kept  ->  plus `policy_chosen_logps`, `policy_rejected_logps`,
       `reference_chosen_logps`, `reference_rejected_logps`, `chosen_reward`, `rejected_reward`; the implicit-reward
       accuracy (share of pairs with chosen_reward > rejected_reward) is printed and saved in the done marker.
   Also OUT.done.json (common.stage): the arguments, input fingerprints, counts and, in --pairs mode, the accuracy.
@@ -38,17 +50,18 @@ Input -> output (JSONL, one row per line; other fields are kept as they are):
   arguments or changed inputs are refused unless --overwrite. --batch_tokens, --chunk_rows and the number of
   processes only change speed (the scores agree to float noise), so they are recorded but not compared.
 
-Bad input: a malformed row or field is an error naming file:line; a non-finite log-prob is an error (nothing is
-written: a NaN must never be ranked); responses cut by --max_length are scored as TRL cuts them and counted
-(`truncated`); a response whose prompt alone fills --max_length gets log-probs 0.0 (no token left), valid=false, and
-is counted (`prompt_too_long`; TRL drops such rows before training).
+Bad input: a malformed row or field is an error naming file:line (in a .parquet file or a dataset: its row); a
+non-finite log-prob is an error (nothing is written: a NaN must never be ranked); responses cut by --max_length are
+scored as TRL cuts them and counted (`truncated`); a response whose prompt alone fills --max_length gets log-probs 0.0
+(no token left), valid=false, and is counted (`prompt_too_long`; TRL drops such rows before training).
 
 Speed: one forward per sequence per model; the prompt is tokenized once per row; sequences are sorted by length and
 batched by a token budget (--batch_tokens, padded tokens; on CPUs one sequence per forward is fastest, measured) in
-chunks of --chunk_rows rows written as they finish, so memory stays flat for any number of rows. --dtype bfloat16
-loads the weights in bf16 and runs under bf16 autocast (faster on GPUs and on CPUs with bf16 support; fp32 for
-exactness). Several processes split the batches of each chunk (the batches never depend on the number of processes)
-and write ONE output, identical to a single-process run:
+chunks of --chunk_rows rows written as they finish, so memory stays flat for any number of rows of a .jsonl file or a
+dataset (memory-mapped by datasets; a .json or .parquet file is read whole). --dtype bfloat16 loads the weights in
+bf16 and runs under bf16 autocast (faster on GPUs and on CPUs with bf16 support; fp32 for exactness). Several
+processes split the batches of each chunk (the batches never depend on the number of processes) and write ONE output,
+identical to a single-process run:
     accelerate launch --num_processes N 02_score.py ...     (GPUs; also `torchrun --nproc_per_node N 02_score.py ...`)
     CUDA_VISIBLE_DEVICES= accelerate launch --multi_gpu --num_processes N 02_score.py ...   (N CPU processes, gloo;
     accelerate 1.15's `launch --cpu --num_processes N` starts ONE process unless mpirun is set up)
@@ -58,9 +71,13 @@ Smoke run (tiny offline models, seconds):
     python tools/tiny_model.py --out /tmp/tiny_ref --seed 2
     python 02_score.py --policy /tmp/tiny_policy --reference /tmp/tiny_ref \
         --pairs data/demo/preferences.jsonl --out /tmp/scored_prefs.jsonl --max_length 512
-Full run (one 8-GPU node, round t):
+Full run (one 8-GPU node, round t; the official Zephyr prompt format):
     accelerate launch --num_processes 8 02_score.py --policy runs/round1/model --reference runs/sft \
-        --responses runs/round1/responses.jsonl --out runs/round1/scores.jsonl --dtype bfloat16
+        --responses runs/round1/responses.jsonl --out runs/round1/scores.jsonl --dtype bfloat16 \
+        --chat_template configs/templates/zephyr-dice.jinja
+Held-out accuracy on a hub preference set (TRL's conversational format):
+    python 02_score.py --policy runs/round1/model --reference runs/sft --pairs HuggingFaceH4/ultrafeedback_binarized \
+        --split test_prefs --out runs/round1/eval_scores.jsonl --chat_template configs/templates/zephyr-dice.jinja
 """
 import contextlib
 import json
@@ -151,16 +168,14 @@ def check_same_tokenizer(policy_tok, reference_tok, policy, reference):
                             f"{getattr(reference_tok, name)!r}); they must share a tokenizer")
     if policy_tok.chat_template != reference_tok.chat_template:
         raise DiceError(f"policy {policy} and reference {reference} have different chat templates; they must share "
-                        "a tokenizer")
+                        "a tokenizer (or pass --chat_template FILE for both)")
     if not policy_tok.chat_template:
-        raise DiceError(f"the tokenizer of {policy} has no chat template (scores are computed on chat conversations)")
+        raise DiceError(f"the tokenizer of {policy} has no chat template (scores are computed on chat conversations); "
+                        "pass --chat_template FILE")
 
 
-def check_row(row, where, mode):
-    """Raise a DiceError naming `where` (file:line) for a row that cannot be scored. Returns K (responses mode)."""
-    if mode == "pairs":
-        common.check_pair(row, where)
-        return 2
+def check_row(row, where):
+    """Raise a DiceError naming `where` (file:line) for a row of 01's output that cannot be scored. Returns K."""
     if "prompt" not in row:
         raise DiceError(f"{where}: missing field 'prompt'")
     common.to_messages(row["prompt"], where=where)
@@ -268,11 +283,18 @@ def padding_id(tokenizer):
     return 0 if pad_id is None else pad_id
 
 
-def chunks(path, chunk_rows):
-    """Stream (line, row) in lists of chunk_rows rows (the rows were already checked)."""
+def read_input(source, split, mode):
+    """Yield (where, row) for every input row (common.read_rows: any file or dataset shape); in pairs mode the row's
+    prompt/chosen/rejected are rewritten in the project's pair shape (common.read_pair), its other fields kept."""
+    for where, row in common.read_rows(source, split):
+        yield where, ({**row, **common.read_pair(row, where)} if mode == "pairs" else row)
+
+
+def chunks(source, split, mode, chunk_rows):
+    """Stream (where, row) in lists of chunk_rows rows (the rows were already checked)."""
     chunk = []
-    for line, row in common.read_jsonl(path):
-        chunk.append((line, row))
+    for where, row in read_input(source, split, mode):
+        chunk.append((where, row))
         if len(chunk) == chunk_rows:
             yield chunk
             chunk = []
@@ -315,7 +337,8 @@ def start_processes():
 def resolve_args(values, state):
     """main's arguments checked and converted (fire ignores type hints), plus the mode and the number of processes."""
     args = common.convert(values, {
-        "policy": str, "reference": str, "responses": str, "pairs": str, "out": str, "max_length": (int, 2),
+        "policy": str, "reference": str, "responses": str, "pairs": str, "split": str, "out": str,
+        "chat_template": str, "max_length": (int, 2),
         "truncation_mode": ("keep_start", "keep_end"), "min_chars": (int, 0), "max_chars": (int, 1),
         "dtype": ("float32", "bfloat16"), "batch_tokens": (int, 1), "chunk_rows": (int, 1), "overwrite": bool,
         "trust_remote_code": bool})
@@ -327,6 +350,12 @@ def resolve_args(values, state):
         raise DiceError("--out is required")
     if os.path.abspath(args["out"]) == os.path.abspath(args["responses"] or args["pairs"]):
         raise DiceError("--out must differ from the input file")
+    if args["chat_template"] is not None:
+        common.read_chat_template(args["chat_template"])  # a missing or broken file fails here, before any work
+    if (args["responses"] or args["pairs"]).lower().endswith((".jsonl", ".json", ".parquet")):
+        args["split"] = None  # a file has no splits: --split is not part of its output's identity
+    elif not args["split"]:
+        raise DiceError("--split is required with a dataset folder or hub dataset id (e.g. train, test_prefs)")
     if args["max_chars"] <= args["min_chars"]:
         raise DiceError(f"--max_chars must be > --min_chars ({args['min_chars']}), got {args['max_chars']}")
     if args["batch_tokens"] is None:  # on CPUs one sequence per forward is fastest (measured): no padding
@@ -334,14 +363,14 @@ def resolve_args(values, state):
     return {**args, "mode": "pairs" if args["pairs"] is not None else "responses", "num_processes": state.num_processes}
 
 
-def check_input(path, mode):
+def check_input(source, split, mode):
     """Check every row before any model work (file:line errors, nothing written). Returns (rows, sequences)."""
     num_rows = num_seqs = 0
-    for line, row in common.read_jsonl(path):
-        num_seqs += check_row(row, f"{path}:{line}", mode)
+    for where, row in read_input(source, split, mode):  # pairs: common.read_pair checked it
+        num_seqs += 2 if mode == "pairs" else check_row(row, where)
         num_rows += 1
     if num_rows == 0:
-        raise DiceError(f"{path} has no rows")
+        raise DiceError(f"{source} has no rows")
     return num_rows, num_seqs
 
 
@@ -378,7 +407,7 @@ def score_sequences(seqs, models, pad_id, state, args, counts):
 
 
 def score_chunk(chunk, tokenizer, models, state, args, counts):
-    """One chunk of (line, row): tokenize each row as TRL does, score its sequences, and return the output rows in
+    """One chunk of (where, row): tokenize each row as TRL does, score its sequences, and return the output rows in
     input order (log-probs, rewards, validity), counting as it goes."""
     mode, min_chars, max_chars = args["mode"], args["min_chars"], args["max_chars"]
     seqs, owners, row_seqs, row_starts = [], [], [], []  # the chunk's sequences; (row, slot) of each; per row
@@ -394,7 +423,7 @@ def score_chunk(chunk, tokenizer, models, state, args, counts):
     lookup = dict(zip(owners, score_sequences(seqs, models, padding_id(tokenizer), state, args, counts)))
     for (r, k), (p, q) in lookup.items():
         if not (math.isfinite(p) and math.isfinite(q)):
-            raise DiceError(f"{args[mode]}:{chunk[r][0]}: non-finite log-prob (policy {p}, reference {q}) for "
+            raise DiceError(f"{chunk[r][0]}: non-finite log-prob (policy {p}, reference {q}) for "
                             f"sequence {k}; the model produced nan/inf (with --dtype bfloat16 try float32); nothing "
                             "was written")
     rows = []
@@ -446,7 +475,9 @@ def main(
     reference: str = None,
     responses: str = None,
     pairs: str = None,
+    split: str = "train",
     out: str = None,
+    chat_template: str = None,
     max_length: int = 4096,
     truncation_mode: str = "keep_start",
     min_chars: int = 3,
@@ -462,9 +493,11 @@ def main(
     Args:
         policy: the DPO model whose implicit reward ranks the responses (pi; round t: model t-1).
         reference: its reference model (pi_ref; round 1: the SFT model, round t: model t-2).
-        responses: 01's responses.jsonl (K responses per prompt); give this or --pairs, not both.
-        pairs: preference pairs JSONL with prompt, chosen, rejected (scores and implicit-reward accuracy).
+        responses: 01's responses (K per prompt): .jsonl/.json/.parquet, dataset folder or hub id; or --pairs.
+        pairs: preference pairs (strings or TRL's conversational format), same sources (scores and accuracy).
+        split: the split of a dataset folder or hub dataset id given to --responses or --pairs.
         out: output JSONL; OUT.done.json is written beside it.
+        chat_template: jinja chat template file for both models instead of their own (configs/templates).
         max_length: TRL's max_length: prompt+response is cut to this many tokens (DPOConfig.max_length).
         truncation_mode: TRL's truncation_mode: keep_start (drop the end) or keep_end.
         min_chars: a response with <= min_chars characters is invalid (paper code: 3).
@@ -480,15 +513,15 @@ def main(
     args = resolve_args(values, state)
     state.print("02_score " + json.dumps(args), flush=True)
     mode, path = args["mode"], args[args["mode"]]
-    inputs = {k: args[k] for k in ("policy", "reference", "responses", "pairs")}
+    inputs = {k: args[k] for k in ("policy", "reference", "responses", "pairs", "chat_template")}  # by content
     with common.stage("02_score", args["out"], args, inputs=inputs, overwrite=args["overwrite"], ignore=SPEED_ONLY,
                       main_process=state.is_main_process) as st:
-        num_rows, num_seqs = check_input(path, mode)
+        num_rows, num_seqs = check_input(path, args["split"], mode)
 
-        # ---- the two models, which must read the same tokens
-        tokenizer = common.load_tokenizer(args["policy"], args["trust_remote_code"])
-        check_same_tokenizer(tokenizer, common.load_tokenizer(args["reference"], args["trust_remote_code"]),
-                             args["policy"], args["reference"])
+        # ---- the two models, which must read the same tokens (rendered with --chat_template when given)
+        tokenizer, ref_tokenizer = (common.load_tokenizer(args[who], args["trust_remote_code"], args["chat_template"])
+                                    for who in ("policy", "reference"))
+        check_same_tokenizer(tokenizer, ref_tokenizer, args["policy"], args["reference"])
         models = [load_scorer(args[who], args["dtype"], state.device, args["trust_remote_code"])
                   for who in ("policy", "reference")]
         state.print(f"scoring {num_rows} rows ({num_seqs} sequences) of {path} with {state.num_processes} "
@@ -497,7 +530,7 @@ def main(
         # ---- r(x, y) = log pi(y|x) - log pi_ref(y|x), chunk by chunk, written in input order by the main process
         counts, started = new_counts(mode), time.time()
         with common.atomic_open(st.tmp) if state.is_main_process else contextlib.nullcontext() as f:
-            for chunk in chunks(path, args["chunk_rows"]):
+            for chunk in chunks(path, args["split"], mode, args["chunk_rows"]):
                 rows = score_chunk(chunk, tokenizer, models, state, args, counts)
                 if f is not None:
                     f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from conftest import load_script, run_script
+from conftest import ROOT, load_script, run_script
 
 score = load_script("02_score")
 DiceError = score.DiceError
@@ -64,10 +64,42 @@ def space_models(tiny_policy, tiny_reference, tmp_path_factory):
             with_template(tiny_reference, base / "reference", SPACE_TEMPLATE))
 
 
-def trl_logps(model_dir, rows, max_length, truncation_mode="keep_start"):
+TEMPLATES = {name: os.path.join(ROOT, "configs", "templates", f"{name}-dice.jinja") for name in ("zephyr", "llama3")}
+
+
+def tiny_model_with(tok, out, seed):
+    """A tiny random Llama (as tools/tiny_model.py builds) around the tokenizer `tok`."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.normal_(0.0, 0.5)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def dice_models(tmp_path_factory):
+    """{"zephyr"|"llama3": (policy, reference)}: tiny models whose tokenizers have the real models' special tokens
+    (zephyr-7b-beta: <s>, </s> = EOS; Llama-3 base SFT: <|begin_of_text|>, <|eot_id|>, <|end_of_text|> = EOS) and
+    a ChatML template of their own, so only --chat_template can render the official formats."""
+    from test_templates import make_tokenizer
+
+    base = tmp_path_factory.mktemp("dice")
+    return {name: tuple(tiny_model_with(make_tokenizer(f"{name}-custom"), base / f"{name}_{who}", seed)
+                        for who, seed in (("policy", 1), ("reference", 2))) for name in TEMPLATES}
+
+
+def trl_logps(model_dir, rows, max_length, truncation_mode="keep_start", chat_template=None):
     """TRL's own numbers: DPOTrainer with precompute_ref_log_probs=True and no ref_model computes the log-probs of
-    `model` itself for every conversational pair (fp32, bf16=False). Returns {row index: (chosen, rejected)}; rows
-    TRL drops are missing."""
+    `model` itself for every conversational pair (fp32, bf16=False); `chat_template` (a file) replaces the tokenizer's
+    template in its processing_class. Returns {row index: (chosen, rejected)}; rows TRL drops are missing."""
     import tempfile
 
     import torch
@@ -76,6 +108,9 @@ def trl_logps(model_dir, rows, max_length, truncation_mode="keep_start"):
     from trl import DPOConfig, DPOTrainer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
+    if chat_template:
+        with open(chat_template) as f:
+            tok.chat_template = f.read()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     ds = Dataset.from_list([
         {"prompt": [{"role": "user", "content": r["prompt"]}],
@@ -89,8 +124,9 @@ def trl_logps(model_dir, rows, max_length, truncation_mode="keep_start"):
         return {r["idx"]: (r["ref_chosen_logps"], r["ref_rejected_logps"]) for r in trainer.train_dataset}
 
 
-def run_main(tmp_path, policy, reference, rows, mode="pairs", name="out.jsonl", **kw):
-    src = write_jsonl(tmp_path / f"in_{name}", rows)
+def run_main(tmp_path, policy, reference, rows, mode="pairs", name="out.jsonl", src=None, **kw):
+    """Score `rows` (or the prepared input `src`) into tmp_path/name; returns (output rows, done marker)."""
+    src = src or write_jsonl(tmp_path / f"in_{name}", rows)
     out = str(tmp_path / name)
     score.main(policy=policy, reference=reference, out=out, **{mode: src}, **kw)
     return read_jsonl(out), json.load(open(out + ".done.json"))
@@ -278,6 +314,183 @@ def test_responses_equal_trl(template, tiny_policy, tiny_reference, space_models
         assert merges == 0
 
 
+@pytest.mark.parametrize("name", ["zephyr", "llama3"])
+def test_chat_template_pairs_equal_trl(name, dice_models, tmp_path):
+    """--chat_template FILE: 02's log-probs equal TRL's when TRL's processing_class carries that template, for both
+    official formats (cut to a max_length that truncates some, drops one)."""
+    policy, reference = dice_models[name]
+    rows, done = run_main(tmp_path, policy, reference, PAIRS, max_length=70, chat_template=TEMPLATES[name],
+                          batch_tokens=300)
+    own, _ = run_main(tmp_path, policy, reference, PAIRS, name="own.jsonl", max_length=70)  # their ChatML
+    expect = {who: trl_logps(model, PAIRS, 70, chat_template=TEMPLATES[name])
+              for who, model in (("policy", policy), ("reference", reference))}
+    assert done["args"]["chat_template"] == TEMPLATES[name]
+    assert done["inputs"]["chat_template"]["fingerprint"] == score.common.fingerprint(TEMPLATES[name])
+    assert done["counts"]["truncated"] > 0 and done["counts"]["prompt_too_long"] == 2
+    assert len(expect["policy"]) == len(PAIRS) - 1
+    for i, row in enumerate(rows):
+        if i not in expect["policy"]:
+            continue
+        for who in ("policy", "reference"):
+            for j, side in enumerate(("chosen", "rejected")):
+                got, want = row[f"{who}_{side}_logps"], expect[who][i][j]
+                assert abs(got - want) <= tol(want), (name, i, who, side, got, want)
+                assert abs(got - own[i][f"{who}_{side}_logps"]) > 1e-3  # the template really changed the tokens
+
+
+@pytest.mark.parametrize("name", ["zephyr", "llama3"])
+def test_chat_template_scores_exactly_the_official_response_tokens(name, dice_models, tmp_path):
+    """With zephyr-dice.jinja the scored tokens of a response (the completion mask) are exactly the tokenization of
+    `{response}</s>` after the prompt `<|system|>\\n </s>\\n<|user|>\\n{prompt}</s>\\n<|assistant|>\\n`, ending in the
+    EOS id, nothing after it (llama3-dice.jinja: `{response}<|eot_id|>`); the log-probs are those of these tokens,
+    computed here by a plain forward and log-softmax."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    policy, reference = dice_models[name]
+    prompts = ["Write a poem about the sea.", "line one\nline two\n", "  caf\u00e9, \u6771\u4eac \U0001f642 {{ x }}"]
+    responses = ["The sea is wide.", " spaced answer ", "Multi-line\n\n- item 1\n", "\u6771\u4eac \U0001f642"]
+    rows_in = [{"prompt": p, "responses": responses, "finish_reasons": ["stop"] * len(responses)} for p in prompts]
+    rows, _ = run_main(tmp_path, policy, reference, rows_in, mode="responses", chat_template=TEMPLATES[name])
+    tok = AutoTokenizer.from_pretrained(policy)
+    model = AutoModelForCausalLM.from_pretrained(policy, dtype=torch.float32).eval()
+    end = "</s>" if name == "zephyr" else "<|eot_id|>"
+    tokenizer = score.common.load_tokenizer(policy, chat_template=TEMPLATES[name])
+    for p, row in zip(prompts, rows):
+        if name == "zephyr":
+            prompt_text = f"<|system|>\n </s>\n<|user|>\n{p}</s>\n<|assistant|>\n"
+        else:
+            prompt_text = (f"<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n{p}<|eot_id|>"
+                           "<|start_header_id|>assistant<|end_header_id|>\n\n")
+        prompt_ids = tok(prompt_text, add_special_tokens=False)["input_ids"]
+        for k, y in enumerate(responses):
+            response_ids = tok(y + end, add_special_tokens=False)["input_ids"]
+            assert response_ids[-1] == tok.convert_tokens_to_ids(end) and response_ids.count(response_ids[-1]) == 1
+            (seq,), starts, _ = score.tokenize_row(tokenizer, {"prompt": p, "responses": [y]}, "responses", None,
+                                                   "keep_start")
+            assert seq == (prompt_ids + response_ids, len(prompt_ids)) and starts == [len(prompt_ids)]
+            assert row["completion_starts"][k] == len(prompt_ids)
+            ids = torch.tensor([prompt_ids + response_ids])
+            with torch.no_grad():
+                logps = torch.log_softmax(model(ids).logits[0, :-1].float(), dim=-1)
+            want = logps[torch.arange(len(prompt_ids) - 1, ids.shape[1] - 1), ids[0, len(prompt_ids):]].sum().item()
+            assert abs(row["policy_logps"][k] - want) <= tol(want), (name, p, y, row["policy_logps"][k], want)
+
+
+def test_chat_template_is_part_of_the_stage_and_replaces_both_templates(tiny_policy, tiny_reference, space_models,
+                                                                         tmp_path):
+    """Policy and reference whose own templates differ are refused, and agree once --chat_template overrides both
+    (the same weights score the same); the template file is an input compared by content."""
+    template = tmp_path / "t.jinja"
+    shutil.copy(TEMPLATES["zephyr"], template)
+    src = write_jsonl(tmp_path / "r.jsonl", [GOOD, GOOD])
+    out = str(tmp_path / "o.jsonl")
+    kw = dict(policy=tiny_policy, responses=src, out=out)
+    with pytest.raises(DiceError, match="different chat templates.*--chat_template"):
+        score.main(reference=space_models[1], **kw)  # tiny_reference's weights, the space template
+    score.main(reference=space_models[1], chat_template=str(template), **kw)
+    same, _ = run_main(tmp_path, tiny_policy, tiny_reference, [GOOD, GOOD], mode="responses", name="same.jsonl",
+                       chat_template=str(template))
+    assert read_jsonl(out) == same
+    with pytest.raises(score.common.AlreadyDone):
+        score.main(reference=space_models[1], chat_template=str(template), **kw)
+    with open(template, "a") as f:
+        f.write("{# edited #}")
+    with pytest.raises(DiceError, match=r"other arguments or inputs \(.*input --chat_template changed\)"):
+        score.main(reference=space_models[1], chat_template=str(template), **kw)
+    with pytest.raises(DiceError, match=r"cannot read chat template .*missing.jinja"):
+        score.main(reference=space_models[1], chat_template=str(tmp_path / "missing.jinja"), **kw)
+    assert read_jsonl(out) == same
+
+
+# ----------------------------------------------------------------------------- inputs as users hold them
+
+def user(text):
+    return [{"role": "user", "content": text}]
+
+
+def assistant(text):
+    return [{"role": "assistant", "content": text}]
+
+
+def write_shape(path, rows, split=None):
+    """`rows` saved as `path` says: .jsonl, .json (a list; `split="lines"`: JSON lines), .parquet, or a folder saved
+    with datasets (a DatasetDict holding `split`, beside a decoy split holding the rows in reverse order)."""
+    import datasets
+    import pyarrow
+    import pyarrow.parquet
+
+    path = str(path)
+    if path.endswith(".jsonl") or split == "lines":
+        return write_jsonl(path, rows)
+    if path.endswith(".json"):
+        with open(path, "w") as f:
+            json.dump(rows, f)
+    elif path.endswith(".parquet"):
+        pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows), path)
+    else:
+        datasets.DatasetDict({split: datasets.Dataset.from_list(rows),
+                              "decoy": datasets.Dataset.from_list(rows[::-1])}).save_to_disk(path)
+    return path
+
+
+def test_every_pair_shape_scores_the_same(tiny_policy, tiny_reference, tmp_path):
+    """The same pairs as strings, TRL's conversational format, ultrafeedback_binarized's full conversations and
+    trl-lib's implicit prompt, in .jsonl, .json (list and JSON lines), .parquet and a datasets folder (--split): the
+    same scores, bit for bit; the output holds prompt/chosen/rejected as strings and keeps every other field."""
+    strings = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in PAIRS]
+    conversational = [{"prompt": user(r["prompt"]), "chosen": assistant(r["chosen"]),
+                       "rejected": assistant(r["rejected"])} for r in strings]
+    binarized = [{"prompt": r["prompt"], "prompt_id": f"id{i}", "chosen": user(r["prompt"]) + assistant(r["chosen"]),
+                  "rejected": user(r["prompt"]) + assistant(r["rejected"]),
+                  "messages": user(r["prompt"]) + assistant(r["chosen"]), "score_chosen": 8.0, "score_rejected": 2.5}
+                 for i, r in enumerate(strings)]
+    implicit = [{"chosen": r["chosen"], "rejected": r["rejected"]} for r in binarized]
+    shapes = {"strings.jsonl": (strings, None), "strings.json": (strings, None), "lines.json": (strings, "lines"),
+              "strings.parquet": (strings, None), "strings_folder": (strings, "test"),
+              "conversational.jsonl": (conversational, None), "conversational.parquet": (conversational, None),
+              "conversational_folder": (conversational, "train"), "binarized_folder": (binarized, "test_prefs"),
+              "binarized.parquet": (binarized, None), "implicit.json": (implicit, None)}
+    outputs = {}
+    for name, (rows, split) in shapes.items():
+        src = write_shape(tmp_path / name, rows, split)
+        out = str(tmp_path / f"{name}.scores.jsonl")
+        score.main(policy=tiny_policy, reference=tiny_reference, pairs=src, out=out, split=split or "train")
+        outputs[name] = read_jsonl(out)
+        done = json.load(open(out + ".done.json"))
+        assert done["args"]["split"] == (split if name.endswith("folder") else None)  # a file has no split
+        assert done["counts"]["rows"] == len(PAIRS)
+    base = outputs["strings.jsonl"]
+    fields = ["prompt", "chosen", "rejected", "policy_chosen_logps", "policy_rejected_logps", "reference_chosen_logps",
+              "reference_rejected_logps", "chosen_reward", "rejected_reward"]
+    assert [list(r) for r in base] == [fields] * len(PAIRS)
+    for name, rows in outputs.items():
+        assert [{k: r[k] for k in fields} for r in rows] == base, name
+    for name in ("binarized_folder", "binarized.parquet"):  # the other fields kept as they were, in their order
+        assert [list(r)[:7] for r in outputs[name]] == [list(binarized[0])] * len(PAIRS)
+        assert [{k: r[k] for k in ("prompt_id", "messages", "score_chosen")} for r in outputs[name]] == [
+            {k: r[k] for k in ("prompt_id", "messages", "score_chosen")} for r in binarized]
+    with pytest.raises(DiceError, match=r"cannot load dataset .*binarized_folder \(split nope\)"):
+        score.main(policy=tiny_policy, reference=tiny_reference, pairs=str(tmp_path / "binarized_folder"),
+                   split="nope", out=str(tmp_path / "x.jsonl"))
+    assert not os.path.exists(tmp_path / "x.jsonl")
+
+
+def test_responses_from_parquet_and_a_dataset_folder(tiny_policy, tiny_reference, tmp_path):
+    """01's rows as .parquet or a datasets folder score exactly as the .jsonl; a bad row names its row."""
+    rows_in = responses_rows()
+    outputs = []
+    for name, split in (("r.jsonl", None), ("r.parquet", None), ("r_folder", "train")):
+        src = write_shape(tmp_path / name, rows_in, split)
+        outputs.append(run_main(tmp_path, tiny_policy, tiny_reference, None, mode="responses", name=f"{name}.out",
+                                src=src, split=split or "train")[0])
+    assert outputs[0] == outputs[1] == outputs[2] and len(outputs[0]) == len(rows_in)
+    bad = write_shape(tmp_path / "bad.parquet", [rows_in[0], {**rows_in[1], "finish_reasons": ["stop"]}])
+    with pytest.raises(DiceError, match=re.escape(f"{bad}: row 1: 3 responses but 1 finish_reasons")):
+        score.main(policy=tiny_policy, reference=tiny_reference, responses=bad, out=str(tmp_path / "x.jsonl"))
+    assert not os.path.exists(tmp_path / "x.jsonl")
+
+
 def test_batching_and_chunking_do_not_change_scores(tiny_policy, tiny_reference, tmp_path):
     rows_in = responses_rows() * 3
     a, _ = run_main(tmp_path, tiny_policy, tiny_reference, rows_in, mode="responses", name="a.jsonl",
@@ -425,10 +638,11 @@ def test_accelerate_two_processes_write_the_single_process_output(tiny_policy, t
     assert "with 2 process(es)" in two.stdout and two.stdout.count("wrote ") == 1  # one writer
     assert json.load(open(tmp_path / "two.jsonl.done.json"))["args"]["num_processes"] == 2
     assert open(tmp_path / "two.jsonl").read() == open(tmp_path / "one.jsonl").read()
-    # every process decides "done already" on a rerun; one process on the two-process output decides the same
+    # every process decides "done already" on a rerun (all exit 0, rank 0 prints the one line); one process on the
+    # two-process output decides the same
     again = run_script(["python", "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
                        + common_args + ["--out", str(tmp_path / "two.jsonl")], env=env)
-    assert again.stdout.count("done already") == 2 and "wrote" not in again.stdout
+    assert again.stdout.count("done already") == 1 and "wrote" not in again.stdout and "error:" not in again.stderr
     alone = run_script(["python"] + common_args + ["--out", str(tmp_path / "two.jsonl")], env=env)
     assert "done already" in alone.stdout
     assert sorted(os.listdir(tmp_path)) == ["one.jsonl", "one.jsonl.done.json", "r.jsonl", "two.jsonl",
