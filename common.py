@@ -577,10 +577,14 @@ def load_tokenizer(path, trust_remote_code=False, chat_template=None):
     if chat_template:
         tokenizer.chat_template = read_chat_template(chat_template)
         unknown = unknown_special_tokens(tokenizer, tokenizer.chat_template)
-        if unknown:
+        if unknown and (chat_template, tuple(unknown)) not in _WARNED and int(os.environ.get("RANK", "0")) == 0:
+            _WARNED.add((chat_template, tuple(unknown)))
             print(f"warning: {chat_template} names {', '.join(unknown)}, which the tokenizer of {path} does not know "
                   "as special tokens: they are tokenized as plain text", file=sys.stderr)
     return tokenizer
+
+
+_WARNED = set()  # one warning per template and process, not one per tokenizer loaded
 
 
 def read_chat_template(path):
