@@ -1,4 +1,6 @@
-"""Tests of 04_train_dpo.py: DPO with TRL, reusing supplied reference log-probs (tiny offline models, CPU, seconds).
+"""Tests of 04_train_dpo.py: DPO with TRL, reusing supplied reference log-probs (tiny offline models, CPU, seconds);
+pairs in every shape users hold, --chat_template inside TRL's tokenization, the model card, the hub upload (replaced:
+nothing reaches the network) and TensorBoard's event files.
 
 The supplied log-probs are produced here by TRL 1.16 itself (its own precompute on the same rows), so these tests do
 not depend on 02_score.py. Tolerances: first-step loss vs log 2 and vs known answers 1e-5 (fp32; the only difference
@@ -14,7 +16,7 @@ import shutil
 import pytest
 
 import common
-from conftest import load_script, run_script
+from conftest import ROOT, load_script, run_script
 
 train = load_script("04_train_dpo")
 DiceError = train.DiceError
@@ -88,6 +90,19 @@ def train_logs(metrics):
     return [m for m in metrics if "loss" in m]
 
 
+@pytest.fixture
+def tokenized(monkeypatch):
+    """The train datasets as TRL tokenized them (prompt_ids, chosen_ids, rejected_ids, ...) in this test's runs."""
+    seen, original = [], train.DiceDPOTrainer.train
+
+    def spy(self, *args, **kwargs):
+        seen.append(self.train_dataset.to_list())
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(train.DiceDPOTrainer, "train", spy)
+    return seen
+
+
 # ----------------------------------------------------------------------------- input checks (pure functions)
 
 def test_read_pairs_converts_to_trl_conversational_rows(tmp_path):
@@ -97,11 +112,11 @@ def test_read_pairs_converts_to_trl_conversational_rows(tmp_path):
         {"prompt": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi?"}],
          "chosen": "a", "rejected": "b", "ref_chosen_logps": -1.0, "ref_rejected_logps": None, "extra": 1},
     ])
-    first, second = train.read_pairs(path)
+    first, second = train.read_pairs(path, None)
     assert first["prompt"] == [{"role": "user", "content": "Hi?"}]  # common.to_messages: one user turn
     assert first["chosen"] == [{"role": "assistant", "content": "Hello."}]
     assert first["rejected"] == [{"role": "assistant", "content": "Go away."}]
-    assert (first["ref_chosen_logps"], first["ref_rejected_logps"], first["line"]) == (-3.0, -4.5, 1)
+    assert (first["ref_chosen_logps"], first["ref_rejected_logps"], first["where"]) == (-3.0, -4.5, f"{path}:1")
     assert second["prompt"][0] == {"role": "system", "content": "Be kind."}
     assert (second["ref_chosen_logps"], second["ref_rejected_logps"]) == (None, None)  # half a pair is not usable
 
@@ -110,7 +125,9 @@ def test_read_pairs_converts_to_trl_conversational_rows(tmp_path):
     (['{"prompt": "a", "chosen": "b", "rejected": "c"}', "{oops"], "p.jsonl:2: bad JSON"),
     (['{"prompt": "a", "chosen": "b"}'], "p.jsonl:1: missing field 'rejected'"),
     (['{"prompt": "a", "chosen": 3, "rejected": "c"}'], "p.jsonl:1: 'chosen' must be a string"),
-    (['{"prompt": "", "chosen": "b", "rejected": "c"}'], "p.jsonl:1: empty prompt"),
+    (['{"prompt": "", "chosen": "b", "rejected": "c"}'], "p.jsonl:1: 'prompt': empty prompt"),
+    (['{"prompt": "a", "chosen": [{"role": "user", "content": "b"}], "rejected": "c"}'],
+     "p.jsonl:1: 'chosen' must be a string or messages ending with an assistant turn"),
     (['{"prompt": "a", "chosen": "b", "rejected": "c", "ref_chosen_logps": 2.0, "ref_rejected_logps": -1}'],
      "p.jsonl:1: ref_chosen_logps must be a log-probability"),
     (['{"prompt": "a", "chosen": "b", "rejected": "c", "ref_chosen_logps": "x", "ref_rejected_logps": -1}'],
@@ -121,7 +138,7 @@ def test_read_pairs_errors_name_file_and_line(tmp_path, lines, message):
     path = tmp_path / "p.jsonl"
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(DiceError, match=message.replace("(", r"\(")):
-        train.read_pairs(str(path))
+        train.read_pairs(str(path), None)
 
 
 def test_split_eval_is_seeded_disjoint_and_checked():
@@ -160,12 +177,39 @@ def test_dpo_options_are_typed_by_hfargumentparser_with_one_line_errors():
         train.dpo_options({"lr_scheduler_type": "constnt"})
 
 
-@pytest.mark.parametrize("name", ["output_dir", "resume_from_checkpoint", "model_init_kwargs", "resume"])
+@pytest.mark.parametrize("name", ["output_dir", "resume_from_checkpoint", "model_init_kwargs", "resume", "hub_strategy",
+                                  "hub_token"])
 def test_options_this_script_owns_are_refused_before_anything_runs(tmp_path, name):
     with pytest.raises(DiceError, match=f"--{name} is not accepted"):
         train.main(model=str(tmp_path / "missing"), pairs=str(tmp_path / "missing.jsonl"), out=str(tmp_path / "o"),
                    **{name: "x"})
     assert os.listdir(tmp_path) == []
+
+
+def test_push_to_hub_without_a_repo_id_is_refused_before_anything_runs(tmp_path):
+    with pytest.raises(DiceError, match=r"^--push_to_hub needs --hub_model_id USER/NAME"):
+        train.main(model=str(tmp_path / "missing"), pairs=str(tmp_path / "missing.jsonl"), out=str(tmp_path / "o"),
+                   push_to_hub=True)
+    assert os.listdir(tmp_path) == []
+
+
+def test_split_counts_only_for_dataset_folders_and_hub_ids(tmp_path):
+    """A file has no splits (--split is dropped from the arguments, so it never makes a rerun differ); a folder or
+    hub id needs one."""
+    values = dict(model=str(tmp_path), out=str(tmp_path / "o"), split="test", chat_template="", round=None,
+                  beta=0.1, learning_rate=5e-7, lr_scheduler_type="constant", warmup_steps=0, max_steps=1,
+                  per_device_train_batch_size=1, gradient_accumulation_steps=1, max_length=64, eval_size=0,
+                  eval_steps=1, logging_steps=1, save_steps=1, save_total_limit=1, bf16="auto", seed=1,
+                  reuse_ref_logps=True, overwrite=False, keep_checkpoints=False, trust_remote_code=False,
+                  push_to_hub=False, hub_model_id=None, hub_private_repo=False, options={})
+    for name in ("p.jsonl", "p.JSON", "p.parquet"):
+        assert train.resolve_args({**values, "pairs": name})["split"] is None
+    args = train.resolve_args({**values, "pairs": "HuggingFaceH4/ultrafeedback_binarized"})
+    assert args["split"] == "test" and args["chat_template"] is None  # "" = the tokenizer's own template
+    with pytest.raises(DiceError, match="--split is required with a dataset folder or hub dataset id"):
+        train.resolve_args({**values, "pairs": str(tmp_path), "split": ""})
+    with pytest.raises(DiceError, match="cannot read chat template"):
+        train.resolve_args({**values, "pairs": "p.jsonl", "chat_template": str(tmp_path / "none.jinja")})
 
 
 def test_rows_needing_ref_logps_flags_missing_and_truncated():
@@ -324,6 +368,258 @@ def test_every_prompt_too_long_is_a_clear_error(tiny_policy, pairs, tmp_path):
     assert not os.path.exists(tmp_path / "out")
 
 
+# ----------------------------------------------------------------------------- inputs as users hold them, prompt format
+
+def untimed(metrics):
+    """The logged values without the wall-clock ones (runtime, samples per second)."""
+    return [{k: v for k, v in m.items() if "runtime" not in k and "per_second" not in k} for m in metrics]
+
+
+def conversation(prompt, answer):
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+
+
+def test_pairs_in_every_shape_give_the_same_training_data_and_loss(tiny_policy, pairs, tmp_path, tokenized):
+    """The same pairs as 03 writes them (JSONL strings), as a .json list in TRL's conversational format, as .parquet
+    full conversations with a prompt column (HuggingFaceH4/ultrafeedback_binarized), and as a save_to_disk folder of
+    implicit-prompt conversations (--split train_prefs): TRL tokenizes the same rows, the supplied reference
+    log-probs are used in every shape, and the logged metrics of one step are identical."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from datasets import Dataset, DatasetDict
+
+    _, with_ref, rows = pairs
+    ref = [{k: r[k] for k in train.REF_COLUMNS} for r in rows]
+    trl_rows = [{"prompt": [{"role": "user", "content": r["prompt"]}],
+                 "chosen": [{"role": "assistant", "content": r["chosen"]}],
+                 "rejected": [{"role": "assistant", "content": r["rejected"]}], **f} for r, f in zip(rows, ref)]
+    (tmp_path / "trl.json").write_text(json.dumps(trl_rows))
+    h4 = [{"prompt": r["prompt"], "prompt_id": r["prompt_id"], "chosen": conversation(r["prompt"], r["chosen"]),
+           "rejected": conversation(r["prompt"], r["rejected"]), "score_chosen": 8.0, "score_rejected": 4.0, **f}
+          for r, f in zip(rows, ref)]
+    pq.write_table(pa.Table.from_pylist(h4), tmp_path / "h4.parquet")
+    implicit = [{"chosen": c["chosen"], "rejected": c["rejected"], **f} for c, f in zip(h4, ref)]
+    DatasetDict({"train_prefs": Dataset.from_list(implicit), "test_prefs": Dataset.from_list(implicit[:2])}
+                ).save_to_disk(str(tmp_path / "folder"))
+    sources = {"jsonl": (with_ref, None), "trl json": (str(tmp_path / "trl.json"), None),
+               "h4 parquet": (str(tmp_path / "h4.parquet"), None), "folder": (str(tmp_path / "folder"), "train_prefs")}
+    results = {}
+    for i, (name, (path, split)) in enumerate(sources.items()):
+        kwargs = {} if split is None else {"split": split}
+        results[name] = run(tiny_policy, path, tmp_path / f"out{i}", max_steps=1, **kwargs)
+    first = tokenized[0]
+    assert len(tokenized) == 4 and len(first) == 8 and {"prompt_ids", "chosen_ids", "ref_chosen_logps"} <= set(first[0])
+    for name, data in zip(sources, tokenized):
+        assert data == first, name  # the same tokenized rows, reference log-probs included
+        record, metrics = results[name]
+        assert record["reference_logps"]["train"] == {"supplied": 8, "computed": 0}, name
+        assert untimed(metrics) == untimed(results["jsonl"][1]), name
+    assert results["folder"][0]["args"]["split"] == "train_prefs" and results["jsonl"][0]["args"]["split"] is None
+    with pytest.raises(DiceError, match=r"cannot load dataset .*folder \(split test\)"):
+        run(tiny_policy, str(tmp_path / "folder"), tmp_path / "bad", split="test")
+
+
+def test_a_hub_dataset_id_is_loaded_by_datasets_with_its_split(monkeypatch):
+    """A hub id goes to datasets.load_dataset with --split (replaced here: no network); its rows are pairs in TRL's
+    full-conversation format, and errors name the id, split and row."""
+    import datasets
+
+    calls = []
+
+    def load_dataset(name, split):
+        calls.append((name, split))
+        return datasets.Dataset.from_list([
+            {"prompt": "Hi?", "chosen": conversation("Hi?", "Hello."), "rejected": conversation("Hi?", "Go away.")},
+            {"prompt": "Hi?", "chosen": conversation("Hi?", "a"), "rejected": conversation("Other?", "b")}])
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    name = "HuggingFaceH4/ultrafeedback_binarized"
+    with pytest.raises(DiceError, match=rf"^{name}\[train_prefs\]: row 1: 'chosen' and 'rejected' hold different"):
+        train.read_pairs(name, "train_prefs")
+    assert calls == [(name, "train_prefs")]
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, split: load_dataset(name, split).select([0]))
+    (row,) = train.read_pairs(name, "train_prefs")
+    assert row["prompt"] == [{"role": "user", "content": "Hi?"}] and row["where"] == f"{name}[train_prefs]: row 0"
+    assert row["rejected"] == [{"role": "assistant", "content": "Go away."}]
+
+
+@pytest.fixture(scope="module")
+def zephyr_like(tiny_policy, tmp_path_factory):
+    """The tiny model with zephyr-7b-beta's end of turn: `</s>` a special token and the EOS."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = str(tmp_path_factory.mktemp("zephyr") / "model")
+    tok = AutoTokenizer.from_pretrained(tiny_policy)
+    tok.add_special_tokens({"eos_token": "</s>"})
+    model = AutoModelForCausalLM.from_pretrained(tiny_policy)
+    model.resize_token_embeddings(len(tok))
+    model.config.eos_token_id = model.generation_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+ZEPHYR = os.path.join(ROOT, "configs", "templates", "zephyr-dice.jinja")
+
+
+def test_chat_template_is_what_trl_tokenizes_and_what_the_output_renders(zephyr_like, tmp_path, tokenized):
+    """--chat_template configs/templates/zephyr-dice.jinja: TRL's tokenized prompt is the official zephyr prompt and
+    the response is `{response}</s>`, ending with the id of `</s>` and nothing after it; the published tokenizer
+    carries the template; the template file is an input of the stage."""
+    from transformers import AutoTokenizer
+
+    rows = [{"prompt": "Write a short poem about the sea.", "chosen": "The sea is wide.", "rejected": "No."},
+            {"prompt": "line one\nline two\n", "chosen": " spaced answer ", "rejected": "Paris is the capital."},
+            {"prompt": "  What is the capital of France?  ", "chosen": "Paris.", "rejected": "- item 1\n- item 2"},
+            {"prompt": "Unicode: caf\u00e9 \u6771\u4eac \U0001f642", "chosen": "\u6771\u4eac", "rejected": "a"}]
+    path = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    out = tmp_path / "model"
+    record, _ = run(zephyr_like, path, out, max_steps=1, eval_size=0, chat_template=ZEPHYR)
+    tok = AutoTokenizer.from_pretrained(zephyr_like)
+    eos = tok.convert_tokens_to_ids("</s>")
+    assert eos == tok.eos_token_id
+
+    def ids(text):
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    assert len(tokenized[0]) == len(rows)
+    for row, got in zip(rows, tokenized[0]):
+        assert got["prompt_ids"] == ids(f"<|system|>\n </s>\n<|user|>\n{row['prompt']}</s>\n<|assistant|>\n")
+        for key in ("chosen", "rejected"):
+            assert got[f"{key}_ids"] == ids(f"{row[key]}</s>"), key
+            assert got[f"{key}_ids"][-1] == eos and got[f"{key}_ids"].count(eos) == 1, key
+    template = open(ZEPHYR, encoding="utf-8").read()
+    published = AutoTokenizer.from_pretrained(out)
+    assert published.chat_template == template and (out / "chat_template.jinja").read_text() == template
+    assert published.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True,
+                                         tokenize=False) == "<|system|>\n </s>\n<|user|>\nHi</s>\n<|assistant|>\n"
+    assert record["inputs"]["chat_template"] == {"path": ZEPHYR, "fingerprint": common.fingerprint(ZEPHYR)}
+    assert f"the chat template `{ZEPHYR}`" in (out / "README.md").read_text()
+    with pytest.raises(common.AlreadyDone):
+        run(zephyr_like, path, out, max_steps=1, eval_size=0, chat_template=ZEPHYR)
+    changed = tmp_path / "changed.jinja"
+    changed.write_text(template.replace("' '", "'You are helpful.'"))
+    with pytest.raises(DiceError, match=r"input --chat_template changed"):
+        run(zephyr_like, path, out, max_steps=1, eval_size=0, chat_template=str(changed))
+
+
+# ----------------------------------------------------------------------------- model card, hub, tracking
+
+def test_model_card_holds_the_runs_facts_and_its_snippet_loads_the_model(tiny_policy, pairs, tmp_path):
+    from huggingface_hub import ModelCard
+
+    _, _, rows = pairs
+    path = write_jsonl(tmp_path / "pairs.jsonl", [{**r, "source": "offline" if i < 4 else "generated"}
+                                                  for i, r in enumerate(rows)])
+    out = tmp_path / "model"
+    record, metrics = run(tiny_policy, path, out, round=2)
+    card = (out / "README.md").read_text()
+    last_eval = [m for m in metrics if "eval_rewards/accuracies" in m][-1]
+    for line in [
+        f"# {out}\n",
+        f"- **Base model** (the starting policy and DPO reference): `{tiny_policy}`",
+        "- **DICE round**: 2",
+        f"- **Data**: `{path}`: 10 pairs read (generated 6, offline 4); 8 trained on, 2 held out; 0 dropped",
+        "- **Prompt format**: the base model's own chat template",
+        "| loss | DPO (`sigmoid`), beta 0.1 |",
+        "| learning rate | 0.001, schedule `constant`, 0 warmup steps |",
+        "| steps | 3 optimizer steps |",
+        "| global batch | 2 pairs (2 per device x 1 accumulation x 1 process(es)) |",
+        "| max length | 4096 tokens (prompt + response) |",
+        "| precision | fp32 |",
+        "| seed | 42 |",
+        "| reference log-probs | train: 8 supplied by the pairs, 0 computed before training; eval: 2 supplied",
+        f"Held-out reward accuracy {last_eval['eval_rewards/accuracies']:.4f} (the fraction of the 2 held-out pairs",
+        f"eval loss {last_eval['eval_loss']:.4f}, at step 3.",
+        f'AutoModelForCausalLM.from_pretrained("{out}", dtype="auto")',
+        f'llm = LLM(model="{out}")',
+        "@inproceedings{chen2025bootstrapping,", "eprint        = {2406.09760},", "@inproceedings{rafailov2023direct,",
+    ]:
+        assert line in card, line
+    assert record["output"]["fingerprint"] == common.fingerprint(str(out))  # the card is part of the output
+    data = ModelCard.load(str(out / "README.md")).data
+    assert data.tags == ["dice", "dpo", "trl"] and data.library_name == "transformers"
+    assert data.base_model is None  # a local folder is no hub id
+    snippet = card.split("```python\n")[1].split("```")[0]
+    proc = run_script(["python", "-c", snippet.replace("max_new_tokens=256", "max_new_tokens=4")],
+                      env={"HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0
+
+
+def test_push_uploads_the_published_folder_to_the_named_repo(tiny_policy, pairs, tmp_path, monkeypatch):
+    """--push_to_hub: huggingface_hub's upload_folder gets the published folder (in place, with its marker) and the
+    repo id, after training; the Trainer never pushes; a rerun that is done already uploads again (a retry), and a
+    failed upload is one line. No network: the two calls are replaced and the hub client is offline."""
+    import huggingface_hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _, with_ref, _ = pairs
+    out = tmp_path / "model"
+    calls = []
+
+    def create_repo(repo_id, **kwargs):
+        calls.append(("create_repo", repo_id, kwargs))
+
+    def upload_folder(**kwargs):
+        folder = kwargs["folder_path"]
+        calls.append(("upload_folder", kwargs, sorted(os.listdir(folder)), os.path.exists(f"{folder}.done.json"),
+                      sorted(os.listdir(tmp_path))))
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("something else talked to the hub")
+
+    monkeypatch.setattr(huggingface_hub, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub, "upload_folder", upload_folder)
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_commit", forbidden)
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", forbidden)
+    run(tiny_policy, with_ref, out, max_steps=1, eval_size=0, round=1, push_to_hub=True, hub_model_id="me/dice-tiny")
+    assert calls[0] == ("create_repo", "me/dice-tiny", {"private": None, "exist_ok": True})
+    _, kwargs, files, marked, beside = calls[1]
+    assert kwargs["repo_id"] == "me/dice-tiny" and kwargs["folder_path"] == str(out) and kwargs["repo_type"] == "model"
+    assert {"model.safetensors", "README.md", "tokenizer.json"} <= set(files) and marked
+    assert beside == ["model", "model.done.json"]  # published: no OUT.tmp, OUT.work or lock left
+    assert json.load(open(out / "training_args.json"))["push_to_hub"] is False  # the Trainer pushes nothing
+    assert 'from_pretrained("me/dice-tiny"' in (out / "README.md").read_text()
+    assert "None: no pairs were held out (--eval_size 0)." in (out / "README.md").read_text()
+
+    with pytest.raises(common.AlreadyDone):  # the same command again: done already, and uploaded again
+        run(tiny_policy, with_ref, out, max_steps=1, eval_size=0, round=1, push_to_hub=True,
+            hub_model_id="me/dice-tiny", hub_private_repo=True)
+    assert [c[0] for c in calls] == ["create_repo", "upload_folder"] * 2 and calls[2][2]["private"] is True
+
+    def offline(**kwargs):
+        raise OSError("no network\nmore")
+
+    monkeypatch.setattr(huggingface_hub, "upload_folder", offline)
+    with pytest.raises(DiceError, match=rf"^{out} is published but its upload to me/dice-tiny failed \(no network\); "
+                                        "rerun the same command to retry$"):
+        run(tiny_policy, with_ref, out, max_steps=1, eval_size=0, round=1, push_to_hub=True,
+            hub_model_id="me/dice-tiny")
+    with pytest.raises(common.AlreadyDone):  # without --push_to_hub: nothing is uploaded
+        run(tiny_policy, with_ref, out, max_steps=1, eval_size=0, round=1)
+    assert len(calls) == 5
+
+
+def test_tensorboard_event_files_are_published_with_the_training_loss(tiny_policy, pairs, tmp_path):
+    """--report_to tensorboard writes into OUT.work/runs/ (transformers' default), which is deleted after publishing:
+    the event files are copied into OUT/runs/ and hold every logged training loss."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, with_ref, _ = pairs
+    out = tmp_path / "model"
+    _, metrics = run(tiny_policy, with_ref, out, report_to="tensorboard", run_name="tiny-round_1")
+    (run_dir,) = os.listdir(out / "runs")
+    assert [f for f in os.listdir(out / "runs" / run_dir) if f.startswith("events.out.tfevents.")]
+    events = EventAccumulator(str(out / "runs" / run_dir))
+    events.Reload()
+    logged = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert [s for s, _ in logged] == [m["step"] for m in train_logs(metrics)] == [1, 2, 3]
+    assert all(abs(v - m["loss"]) < 1e-6 for (_, v), m in zip(logged, train_logs(metrics)))
+    assert len(events.Scalars("eval/rewards/accuracies")) == 3
+    assert json.load(open(out / "training_args.json"))["run_name"] == "tiny-round_1"
+    assert sorted(os.listdir(tmp_path)) == ["model", "model.done.json"]
+
+
 # ----------------------------------------------------------------------------- output
 
 def test_output_is_a_complete_loadable_model_folder_with_changed_weights(tiny_policy, pairs, tmp_path):
@@ -337,7 +633,9 @@ def test_output_is_a_complete_loadable_model_folder_with_changed_weights(tiny_po
     record, metrics = run(tiny_policy, with_ref, out)
     files = sorted(os.listdir(out))
     assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-            "trainer_state.json", "metrics.jsonl", "loss.png", "training_args.json"} <= set(files)
+            "trainer_state.json", "metrics.jsonl", "loss.png", "training_args.json", "README.md",
+            "chat_template.jinja"} <= set(files)
+    assert "runs" not in files  # no tracker by default (report_to none)
     assert not [f for f in files if f.endswith((".bin", ".pt", ".pth", ".pkl"))]  # no pickle next to the model
     assert sorted(os.listdir(tmp_path)) == ["model", "model.done.json"]  # no work, tmp or lock left behind
     assert record["stage"] == "04_train_dpo" and record["output"]["fingerprint"] == common.fingerprint(str(out))
@@ -457,6 +755,10 @@ def test_cli_errors_are_one_line_and_write_nothing(tiny_policy, pairs, tmp_path)
          "error: --warmup_steps has no effect with --lr_scheduler_type constant"),
         (["--model", tiny_policy, "--pairs", plain, "--out", tmp_path / "o6", "--max_steps", "0"],
          "error: --max_steps must be >= 1, got 0"),
+        (["--model", tiny_policy, "--pairs", plain, "--out", tmp_path / "o7", "--push_to_hub"],
+         "error: --push_to_hub needs --hub_model_id USER/NAME (the hub repo the published folder goes to)"),
+        (["--model", tiny_policy, "--pairs", plain, "--out", tmp_path / "o8", "--round", "-1"],
+         "error: --round must be >= 0, got -1"),
     ]
     for args, message in cases:
         proc = run_script(["python", "04_train_dpo.py", *args], check=False)
