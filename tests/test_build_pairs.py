@@ -37,7 +37,7 @@ def build(tmp_path, rows, **kw):
     out = tmp_path / "out"
     kw.setdefault("plots", False)
     bp.main(scores=scores, out_dir=str(out), overwrite=True, **kw)
-    pairs = [json.loads(l) for l in open(out / "pairs.jsonl")]
+    pairs = [json.loads(line) for line in open(out / "pairs.jsonl")]
     return pairs, json.load(open(out / "stats.json"))
 
 
@@ -110,8 +110,8 @@ def random_rows(seed, n=60):
     for p in range(n):
         k = rng.randint(3, 9)
         pool = [rng.choice("abc") * rng.randint(0, 300) + str(rng.randint(0, 3)) for _ in range(4)]
-        resp = [rng.choice(pool) if rng.random() < 0.3 else "".join(rng.choice("xyz ") for _ in range(rng.randint(0, 400)))
-                for _ in range(k)]
+        resp = [rng.choice(pool) if rng.random() < 0.3
+                else "".join(rng.choice("xyz ") for _ in range(rng.randint(0, 400))) for _ in range(k)]
         if rng.random() < 0.1:  # a degenerate prompt: one text sampled K times, scored the same each time
             resp = [resp[0]] * k
         pool_reward = {t: round(slope * len(t) + rng.gauss(0, 1), 1) for t in pool + resp}
@@ -194,9 +194,19 @@ def test_min_valid_drops_prompts_with_too_few_usable_responses(tmp_path):
 
 
 def test_equal_maxima_and_minima_pick_the_first_index():
-    table = bp.make_table([dict(responses=["a", "b", "c", "d"], rewards=[1.0, 0.0, 1.0, 0.0], usable=[True] * 4)])
+    table = bp.make_table([dict(responses=["a", "b", "c", "d"], rewards=[1.0, 0.0, 1.0, 0.0], valid=[True] * 4)])
     chosen, rejected, tie, identical = bp.select(table, 0.0)
     assert (chosen[0], rejected[0], tie[0], identical[0]) == (0, 1, False, False)
+
+
+def test_text_ids_mark_identical_texts_only():
+    # equal lengths are compared text by text; a ragged row's padding never counts as a text
+    table = bp.make_table([dict(responses=["ab", "cd", "ab", "xyz"], rewards=[0.0] * 4, valid=[True] * 4),
+                           dict(responses=["a", "bb"], rewards=[0.0] * 2, valid=[True] * 2),
+                           dict(responses=["", "", "c"], rewards=[0.0] * 3, valid=[True] * 3)])
+    assert table["text_id"][0].tolist() == [0, 1, 0, 3]
+    assert table["text_id"][1, :2].tolist() == [0, 1] and table["text_id"][2, :3].tolist() == [0, 0, 2]
+    assert table["usable"].tolist() == [[True] * 4, [True, True, False, False], [True, True, True, False]]
 
 
 def test_ties_and_identical_texts_are_dropped_and_counted(tmp_path):
@@ -211,7 +221,7 @@ def test_ties_and_identical_texts_are_dropped_and_counted(tmp_path):
 def test_shaping_can_create_a_tie_at_one_alpha(tmp_path):
     # 0.5 - 0.1 * 5 == 0.0 - 0.1 * 0 exactly (0.1 * 5 rounds to 0.5): a tie at alpha 0.1, a pair at other alphas
     rows = [srow("t", ["abcde", ""], [0.5, 0.0]), srow("u", ["ab", "abc"], [1.0, 0.0])]
-    table = bp.make_table(bp.read_scores(write(tmp_path / "s.jsonl", rows))[0])
+    table = bp.make_table(bp.read_scores(write(tmp_path / "s.jsonl", rows)))
     assert list(bp.select(table, 0.1)[2]) == [True, False]
     assert list(bp.select(table, 0.05)[2]) == [False, False]
     pairs, stats = build(tmp_path, rows, min_valid=2, alpha=0.1)
@@ -225,7 +235,8 @@ def test_length_penalty_switches_the_pair(tmp_path):
     (pair,), stats = build(tmp_path, rows, min_valid=2, alpha=0.006)
     assert (pair["chosen"], pair["rejected"]) == ("s" * 10, "l" * 110)
     assert pair["chosen_reward"] == 0.0  # the stored rewards are the unshaped implicit rewards
-    assert stats["alpha_mode"] == "fixed" and stats["mean_len_diff_before"] == 100 and stats["mean_len_diff_after"] == -100
+    assert stats["alpha_mode"] == "fixed"
+    assert stats["mean_len_diff_before"] == 100 and stats["mean_len_diff_after"] == -100
 
 
 def scan_case():
@@ -236,7 +247,7 @@ def scan_case():
 
 
 def test_alpha_scan_stopping_rule():
-    table = bp.make_table([dict(responses=r["responses"], rewards=r["rewards"], usable=r["valid"]) for r in scan_case()])
+    table = bp.make_table([dict(responses=r["responses"], rewards=r["rewards"], valid=r["valid"]) for r in scan_case()])
     alpha, sweep = bp.sweep_alpha(table)
     # |mean| 100, 100, 33.3, 33.3, 33.3 (equal: no stop) ... 33.3 at 0.015, 100 at 0.016 (larger: stop there);
     # the smallest |mean| is first reached at 0.002
@@ -249,7 +260,7 @@ def test_alpha_scan_stopping_rule():
 def test_alpha_scan_without_a_stop_runs_to_0_999_and_keeps_the_first_minimum():
     # one prompt whose pair flips at alpha 0.0015: |mean| is 10 everywhere, never larger than the smallest seen
     rows = [srow("p", ["s" * 10, "l" * 20], [0.0, 0.015])]
-    table = bp.make_table([dict(responses=r["responses"], rewards=r["rewards"], usable=r["valid"]) for r in rows])
+    table = bp.make_table([dict(responses=r["responses"], rewards=r["rewards"], valid=r["valid"]) for r in rows])
     alpha, sweep = bp.sweep_alpha(table)
     assert alpha == 0.0 and len(sweep) == 1000 and sweep[-1][0] == 0.999
     assert [d for _, d in sweep[:3]] == [10, 10, -10]
@@ -266,8 +277,7 @@ def test_alpha_scan_through_main(tmp_path):
 def test_vectorised_rule_matches_the_per_prompt_reference(tmp_path, seed):
     rows = random_rows(seed)
     want_alpha, want_sweep = reference_alpha(rows, 3)
-    records, counts = bp.read_scores(write(tmp_path / "s.jsonl", rows))
-    table = bp.make_table([r for r in records if sum(r["usable"]) >= 3])
+    _, table, _ = bp.usable_prompts(bp.read_scores(write(tmp_path / "s.jsonl", rows)), 3)
     alpha, sweep = bp.sweep_alpha(table)
     assert (alpha, sweep) == (want_alpha, want_sweep)  # exact: the same float operations in the same order
     pairs, stats = build(tmp_path, rows, min_valid=3)
@@ -345,7 +355,8 @@ def test_message_list_prompts_are_compared_by_prompt_id(tmp_path):
            dict(prompt="other", chosen="c", rejected="r"), dict(prompt="y", chosen="c", rejected="r")]
     for seed in range(4):  # n_gen = 2 (both prompts), n_off = 2: only "x" and "y" qualify
         pairs, _ = build(tmp_path, gen, min_valid=2, alpha=0, offline=write(tmp_path / "off.jsonl", off), seed=seed)
-        assert sorted(json.dumps(p["prompt"]) for p in pairs) == sorted(json.dumps(p) for p in [chat, "other", "x", "y"])
+        want = [chat, "other", "x", "y"]
+        assert sorted(json.dumps(p["prompt"]) for p in pairs) == sorted(json.dumps(p) for p in want)
         assert {p["prompt_id"] for p in pairs if p["prompt"] == chat} == {common.prompt_id(chat)}
 
 
@@ -366,7 +377,7 @@ def test_gamma_errors(tmp_path, gamma, offline, message):
     off = write(tmp_path / "off.jsonl", [dict(prompt="o", chosen="c", rejected="r")]) if offline else None
     with pytest.raises(common.DiceError, match=message):
         bp.main(scores=scores, out_dir=str(tmp_path / "out"), offline=off, gamma=gamma, min_valid=2)
-    assert not os.path.exists(tmp_path / "out" / "pairs.jsonl")
+    assert not os.path.exists(tmp_path / "out")  # checked before anything is made
 
 
 def test_too_few_offline_pairs_is_an_error(tmp_path):
@@ -380,7 +391,7 @@ def test_too_few_offline_pairs_is_an_error(tmp_path):
     with pytest.raises(common.DiceError, match="too few offline pairs"):
         bp.main(scores=write(tmp_path / "s.jsonl", [srow("q0", ["a", "bb"], [1.0, 0.0])]), out_dir=str(tmp_path / "o2"),
                 offline=off_same, gamma=0.5, min_valid=2, alpha=0)
-    assert not os.path.exists(tmp_path / "o2" / "pairs.jsonl")
+    assert os.listdir(tmp_path / "o2") == []  # the folder common.stage made for its lock, left empty
 
 
 def test_replay_keeping_no_generated_pair_is_an_error(tmp_path):
@@ -396,10 +407,11 @@ def test_same_seed_same_output_other_seed_other_selection(tmp_path):
     scores = write(tmp_path / "s.jsonl", gen)
     outs = {}
     for name, seed in [("a", 3), ("b", 3), ("c", 4)]:
-        bp.main(scores=scores, out_dir=str(tmp_path / name), offline=off, gamma=0.5, seed=seed, min_valid=2, plots=False)
+        bp.main(scores=scores, out_dir=str(tmp_path / name), offline=off, gamma=0.5, seed=seed, min_valid=2,
+                plots=False)
         outs[name] = open(tmp_path / name / "pairs.jsonl").read()
     assert outs["a"] == outs["b"]
-    pick = {k: {json.loads(l)["prompt"] for l in v.splitlines()} for k, v in outs.items()}
+    pick = {k: {json.loads(line)["prompt"] for line in v.splitlines()} for k, v in outs.items()}
     assert len(pick["a"]) == 60 and pick["a"] != pick["c"]  # 30 of 60 generated + 30 of 60 offline: other subsets
     assert json.load(open(tmp_path / "c" / "stats.json"))["seed"] == 4
 
@@ -425,7 +437,7 @@ def test_bad_scores_rows_are_one_line_errors(tmp_path, lines, message):
     scores = write(tmp_path / "s.jsonl", lines)
     with pytest.raises(common.DiceError, match=message):
         bp.main(scores=scores, out_dir=str(tmp_path / "out"), min_valid=2)
-    assert not os.path.exists(tmp_path / "out")
+    assert os.listdir(tmp_path / "out") == []  # the folder common.stage made for its lock, left empty
 
 
 def test_bad_offline_rows_are_errors(tmp_path):
@@ -445,7 +457,7 @@ def test_empty_result_is_an_error_and_writes_nothing(tmp_path):
     with pytest.raises(common.DiceError, match="1 ties"):
         bp.main(scores=write(tmp_path / "s.jsonl", [srow("p", ["a", "b"], [1.0, 1.0])]), out_dir=str(tmp_path / "out"),
                 min_valid=2)
-    assert not os.path.exists(tmp_path / "out")
+    assert os.listdir(tmp_path / "out") == []
 
 
 @pytest.mark.parametrize("kw, message", [
@@ -485,7 +497,7 @@ def test_cli_end_to_end_outputs_refusal_and_overwrite(tmp_path):
     for key in ("n_prompts_in", "n_dropped_min_valid", "n_dropped_tie", "n_dropped_identical", "n_pairs_generated",
                 "n_pairs_offline"):
         assert isinstance(c[key], int)
-    pairs = [json.loads(l) for l in open(out / "pairs.jsonl")]
+    pairs = [json.loads(line) for line in open(out / "pairs.jsonl")]
     assert len(pairs) == c["n_pairs"] == c["n_pairs_generated"] + c["n_pairs_offline"]
     assert c["n_pairs_generated"] == min(int(100 * 0.5), c["n_pairs_built"]) and c["n_pairs_offline"] > 0
     assert all(set(p) == {"prompt_id", "prompt", "chosen", "rejected", "chosen_reward", "rejected_reward", "source",
@@ -494,13 +506,55 @@ def test_cli_end_to_end_outputs_refusal_and_overwrite(tmp_path):
     assert f"wrote {out}/pairs.jsonl: {c['n_pairs']} pairs" in proc.stdout
     assert proc.stdout.startswith("03_build_pairs: scores=")
 
-    before = open(out / "pairs.jsonl").read()
-    proc = run_script(cmd[:-1] + ["8"], check=False)
-    assert proc.returncode == 2 and "already exists; pass --overwrite" in proc.stderr
-    assert open(out / "pairs.jsonl").read() == before
-    run_script(cmd[:-1] + ["8", "--overwrite"])
-    assert open(out / "pairs.jsonl").read() != before
-    assert json.load(open(out / "stats.json"))["seed"] == 8
+
+
+def test_cli_rerun_is_done_already_changes_are_refused_overwrite_redoes(tmp_path):
+    scores = write(tmp_path / "scores.jsonl", random_rows(1, n=30))
+    off = write(tmp_path / "off.jsonl", [dict(prompt=f"o{i}", chosen="c", rejected="r") for i in range(40)])
+    out = tmp_path / "pairs"
+    cmd = ["python", "03_build_pairs.py", "--scores", scores, "--out_dir", out, "--offline", off, "--min_valid", "3",
+           "--seed", "7", "--plots", "false"]
+    run_script(cmd)
+    files = {name: open(out / name, "rb").read() for name in os.listdir(out)}
+    assert sorted(files) == ["pairs.jsonl", "pairs.jsonl.done.json", "stats.json"]
+    marker = json.loads(files["pairs.jsonl.done.json"])
+    assert marker["stage"] == "03_build_pairs" and marker["seed"] == 7 and marker["args"]["seed"] == 7
+    assert marker["counts"] == json.loads(files["stats.json"])["counts"] and marker["alpha"] > 0
+    assert set(marker["inputs"]) == {"scores", "offline"}
+
+    def unchanged():
+        return {name: open(out / name, "rb").read() for name in os.listdir(out)} == files
+
+    done = f"{out}/pairs.jsonl: done already (same arguments and inputs; see {out}/pairs.jsonl.done.json)"
+    for extra in ([], ["--overwrite"]):  # --overwrite redoes only what differs
+        proc = run_script(cmd + extra)
+        assert proc.stdout.strip().splitlines()[-1] == done and unchanged()
+    proc = run_script(cmd[:-3] + ["8", "--plots", "false"], check=False)
+    assert proc.returncode == 2 and proc.stderr == (f"error: {out}/pairs.jsonl was made with other arguments or inputs "
+                                                    "(seed: 7 -> 8); pass --overwrite to redo it\n")
+    assert unchanged()
+    with open(off, "a") as f:
+        f.write(json.dumps(dict(prompt="new", chosen="c", rejected="r")) + "\n")
+    proc = run_script(cmd, check=False)
+    assert proc.returncode == 2 and "(input --offline changed); pass --overwrite" in proc.stderr and unchanged()
+    run_script(cmd[:-3] + ["8", "--plots", "false", "--overwrite"])
+    assert json.load(open(out / "stats.json"))["seed"] == 8 and not unchanged()
+    marker = json.load(open(out / "pairs.jsonl.done.json"))
+    assert marker["args"]["seed"] == 8 and marker["counts"]["n_offline_in"] == 41
+    assert marker["output"]["fingerprint"] == common.fingerprint(str(out / "pairs.jsonl"))
+
+
+@pytest.mark.parametrize("where", ["save_plots", "_plot_when_told"])
+def test_a_failing_plot_process_publishes_nothing(tmp_path, monkeypatch, where):
+    def broken(*args):
+        raise RuntimeError("no plots today")
+
+    # the plot process is forked: it runs the patched function, failing while drawing or before it reads the job
+    monkeypatch.setattr(bp, where, broken)
+    scores = write(tmp_path / "s.jsonl", scan_case())
+    with pytest.raises(common.DiceError, match="the plot process failed"):
+        bp.main(scores=scores, out_dir=str(tmp_path / "out"), min_valid=2)
+    assert not {"pairs.jsonl", "pairs.jsonl.done.json"} & set(os.listdir(tmp_path / "out"))
 
 
 def test_cli_bad_input_is_one_line_with_file_and_line(tmp_path):
@@ -508,7 +562,7 @@ def test_cli_bad_input_is_one_line_with_file_and_line(tmp_path):
     proc = run_script(["python", "03_build_pairs.py", "--scores", scores, "--out_dir", tmp_path / "out"], check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: {scores}:2: bad JSON (Expecting property name enclosed in double quotes)"
-    assert not os.path.exists(tmp_path / "out")
+    assert os.listdir(tmp_path / "out") == []
 
 
 def test_cli_fixed_alpha_and_no_length_control(tmp_path):
