@@ -36,8 +36,11 @@ Input (02_score.py --responses): scores.jsonl, one row per prompt: `prompt` (str
 strings), `rewards` (K numbers, policy - reference), `valid` (K booleans), optional `policy_logps` (K numbers),
 `completion_starts` (K ints) and `prompt_id`; other fields (`finish_reasons`, `num_tokens`, `reference_logps`) must
 have K entries when present and are otherwise ignored.
-Offline input (--offline): rows `prompt`, `chosen`, `rejected`, optionally 02_score.py --pairs' `policy_chosen_logps`,
-`policy_rejected_logps` (-> ref_chosen_logps, ref_rejected_logps), `chosen_reward`, `rejected_reward`.
+Offline input (--offline): a .jsonl/.json/.parquet file, a save_to_disk folder or a hub id (--split); rows `prompt`,
+`chosen`, `rejected` as strings (this project, the official DICE preference.json) or as TRL's conversational messages
+(or full conversations whose last turn is the answer, as HuggingFaceH4/ultrafeedback_binarized), normalized by
+common.read_pair; optionally 02_score.py --pairs' `policy_chosen_logps`, `policy_rejected_logps` (-> ref_chosen_logps,
+ref_rejected_logps), `chosen_reward`, `rejected_reward`.
 Output, in --out_dir:
   pairs.jsonl   `prompt_id`, `prompt`, `chosen`, `rejected`, `chosen_reward`, `rejected_reward`, `source`
                 ("generated" or "offline"), `ref_chosen_logps`, `ref_rejected_logps`
@@ -80,8 +83,8 @@ def resolve_args(values):
     """fire's values -> the checked arguments, with alpha_mode (auto, fixed or off) and gamma's default."""
     if not values["scores"] or not values["out_dir"]:
         raise DiceError("--scores and --out_dir are required")
-    args = common.convert(values, {"scores": str, "out_dir": str, "min_valid": (int, 2), "length_control": bool,
-                                   "seed": (int, 0), "plots": bool, "overwrite": bool})
+    args = common.convert(values, {"scores": str, "out_dir": str, "offline": str, "split": str, "min_valid": (int, 2),
+                                   "length_control": bool, "seed": (int, 0), "plots": bool, "overwrite": bool})
     alpha = args["alpha"]
     if alpha == "auto":
         args["alpha_mode"] = "auto" if args["length_control"] else "off"
@@ -98,8 +101,12 @@ def resolve_args(values):
         raise DiceError(f"--gamma must be < 1 (the share of offline pairs), got {gamma}")
     if gamma > 0 and not args["offline"]:
         raise DiceError(f"--gamma {gamma} needs --offline (the offline preference pairs to replay)")
-    order = ("scores", "out_dir", "offline", "gamma", "min_valid", "alpha", "alpha_mode", "length_control", "seed",
-             "plots", "overwrite")
+    if args["offline"] is None or str(args["offline"]).lower().endswith((".jsonl", ".json", ".parquet")):
+        args["split"] = None  # only a dataset folder or a hub id has splits
+    elif not args["split"]:
+        raise DiceError(f"--split is required when --offline is a dataset folder or hub id ({args['offline']})")
+    order = ("scores", "out_dir", "offline", "split", "gamma", "min_valid", "alpha", "alpha_mode", "length_control",
+             "seed", "plots", "overwrite")
     return {k: gamma if k == "gamma" else args[k] for k in order}
 
 
@@ -160,12 +167,14 @@ def read_scores(path):
     return records
 
 
-def read_offline(path):
-    """Offline preference pairs (`prompt`, `chosen`, `rejected`, optional 02 --pairs fields) as output rows."""
+def read_offline(path, split="train"):
+    """Offline preference pairs as output rows, in any shape users hold them (common.read_rows: .jsonl, .json,
+    .parquet, a save_to_disk folder or a hub id with `split`; common.read_pair: strings, TRL's conversational
+    messages or full conversations), with 02_score.py --pairs' optional `policy_chosen_logps`,
+    `policy_rejected_logps` (-> ref_chosen_logps, ref_rejected_logps), `chosen_reward`, `rejected_reward`."""
     rows = []
-    for line, row in common.read_jsonl(path):
-        where = f"{path}:{line}"
-        common.check_pair(row, where)
+    for where, row in common.read_rows(path, split):
+        pair = common.read_pair(row, where)
         extra = {}
         for src, dst in (("policy_chosen_logps", "ref_chosen_logps"), ("policy_rejected_logps", "ref_rejected_logps"),
                          ("chosen_reward", "chosen_reward"), ("rejected_reward", "rejected_reward")):
@@ -173,8 +182,8 @@ def read_offline(path):
             if value is not None and not math.isfinite(_number(value, f"{where}: {src}")):
                 raise DiceError(f"{where}: '{src}' is not finite ({value!r})")
             extra[dst] = None if value is None else float(value)
-        rows.append(dict(prompt_id=common.prompt_id(row["prompt"]), prompt=row["prompt"], chosen=row["chosen"],
-                         rejected=row["rejected"], chosen_reward=extra["chosen_reward"],
+        rows.append(dict(prompt_id=common.prompt_id(pair["prompt"]), prompt=pair["prompt"], chosen=pair["chosen"],
+                         rejected=pair["rejected"], chosen_reward=extra["chosen_reward"],
                          rejected_reward=extra["rejected_reward"], source="offline",
                          ref_chosen_logps=extra["ref_chosen_logps"], ref_rejected_logps=extra["ref_rejected_logps"]))
     if not rows:
@@ -466,6 +475,7 @@ def main(
     scores: str = None,
     out_dir: str = None,
     offline: str = None,
+    split: str = "train",
     gamma: float = None,
     min_valid: int = 8,
     alpha: str = "auto",
@@ -479,7 +489,9 @@ def main(
     Args:
         scores: 02_score.py's output (scores.jsonl: K responses per prompt with their implicit rewards).
         out_dir: output folder: pairs.jsonl (and its done marker), stats.json and the plots.
-        offline: offline preference pairs to replay (prompt, chosen, rejected [+ 02_score.py --pairs fields]).
+        offline: offline preference pairs to replay: a .jsonl/.json/.parquet file, a dataset folder or a hub id;
+            strings or TRL's conversational messages (+ 02_score.py --pairs fields).
+        split: the split of --offline when it is a dataset folder or a hub id.
         gamma: share of offline pairs in the mix (paper 0.5; default 0.5 with --offline, else 0 = generated only).
         min_valid: drop prompts with fewer usable responses (paper: 8 of 16).
         alpha: length penalty per character: auto (the paper's scan) or a number >= 0.
@@ -496,7 +508,7 @@ def main(
                       ignore=("out_dir", "offline")) as st, plot_process(args["plots"]) as draw:
         # read: K responses per prompt with their implicit rewards r(x, y); the offline pairs to replay
         records, table, counts = usable_prompts(read_scores(args["scores"]), args["min_valid"])
-        offline_rows = read_offline(args["offline"]) if gamma > 0 else []
+        offline_rows = read_offline(args["offline"], args["split"]) if gamma > 0 else []
         k = table["lengths"].shape[1]
         if not records:
             raise nothing_left(counts, args["min_valid"], k)

@@ -577,3 +577,44 @@ def test_cli_fixed_alpha_and_no_length_control(tmp_path):
                 "--length_control", "false", "--plots", "false"])
     stats = json.load(open(tmp_path / "b" / "stats.json"))
     assert stats["alpha"] == 0.0 and stats["alpha_mode"] == "off" and stats["mean_len_diff_after"] == 100
+
+
+def test_offline_pairs_in_every_shape_users_hold_give_the_same_pairs(tmp_path):
+    """The replay buffer as strings (JSONL, the official preference.json: JSON lines in a .json file), TRL's
+    conversational messages (.json list), full conversations as in HuggingFaceH4/ultrafeedback_binarized (.parquet)
+    and a save_to_disk DatasetDict with --split: the same pairs.jsonl, byte for byte."""
+    import datasets
+
+    rows = [srow(f"gen {i}?", ["a", "bb", "ccc"], [0.0, 1.0, 2.0]) for i in range(6)]
+    plain = [{"prompt": f"off {i}?", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(8)]
+    user = lambda p: [{"role": "user", "content": p}]  # noqa: E731
+    turn = lambda a: [{"role": "assistant", "content": a}]  # noqa: E731
+    conversational = [{"prompt": user(r["prompt"]), "chosen": turn(r["chosen"]), "rejected": turn(r["rejected"])}
+                      for r in plain]
+    full = [{"prompt": r["prompt"], "chosen": user(r["prompt"]) + turn(r["chosen"]),
+             "rejected": user(r["prompt"]) + turn(r["rejected"]), "score_chosen": 8.0} for r in plain]
+    sources = {"jsonl": write(tmp_path / "off.jsonl", plain), "official": write(tmp_path / "preference.json", plain)}
+    (tmp_path / "conv.json").write_text(json.dumps(conversational))
+    sources["conversational"] = str(tmp_path / "conv.json")
+    datasets.Dataset.from_list(full).to_parquet(str(tmp_path / "full.parquet"))
+    sources["full"] = str(tmp_path / "full.parquet")
+    datasets.DatasetDict({"train_prefs": datasets.Dataset.from_list(full),
+                          "test_prefs": datasets.Dataset.from_list(full[:1])}).save_to_disk(str(tmp_path / "saved"))
+    outputs = {}
+    for name, source in sources.items():
+        scores = write(tmp_path / "scores.jsonl", rows)
+        out = tmp_path / name
+        bp.main(scores=scores, out_dir=str(out), offline=source, gamma=0.5, min_valid=2, plots=False)
+        outputs[name] = (out / "pairs.jsonl").read_text()
+    out = tmp_path / "saved_out"
+    bp.main(scores=scores, out_dir=str(out), offline=str(tmp_path / "saved"), split="train_prefs", gamma=0.5,
+            min_valid=2, plots=False)
+    outputs["saved"] = (out / "pairs.jsonl").read_text()
+    assert len(set(outputs.values())) == 1, {k: v[:200] for k, v in outputs.items()}
+    offline = [json.loads(line) for line in outputs["jsonl"].splitlines() if '"offline"' in line]
+    assert offline and all(p["prompt"].startswith("off ") and p["chosen"].startswith("good ") for p in offline)
+    with pytest.raises(common.DiceError, match=r"full.parquet: row 0: 'chosen' must be a string or messages"):
+        broken = [{**full[0], "chosen": user("x")}]
+        datasets.Dataset.from_list(broken).to_parquet(str(tmp_path / "full.parquet"))
+        bp.main(scores=scores, out_dir=str(tmp_path / "bad"), offline=str(tmp_path / "full.parquet"), gamma=0.5,
+                min_valid=2, plots=False)
