@@ -1,14 +1,18 @@
-"""The data files of the paper presets (configs/llama3-8b.env, configs/zephyr-7b.env), from UltraFeedback.
+"""UltraFeedback files for the paper presets: the held-out evaluation pairs, and an approximation of the authors' data.
 
     python tools/prepare_ultrafeedback.py --out data/ultrafeedback      # needs the HF hub (or a local copy: --source)
 
 The paper (Chen et al., ICLR 2025, Sec. 5) samples 10k prompts from UltraFeedback for the DICE rounds and replays the
-UltraFeedback preference pairs of those prompts (gamma = 0.5). This writes, from HuggingFaceH4/ultrafeedback_binarized:
+UltraFeedback preference pairs of those prompts (gamma = 0.5). The authors' own subset IS published, in the official
+repository (sail-sg/dice: data/UF-10k-subset/prompt.json and preference.json), and the paper presets read it from
+there (DICE_REPO). What they take from this tool is eval_preferences.jsonl, the held-out pairs of the report, from
+UltraFeedback's test split. prompts.jsonl and preferences.jsonl are an approximation of the authors' subset (another
+random 10k), for runs without the official files. This writes, from HuggingFaceH4/ultrafeedback_binarized:
   prompts.jsonl           `prompt`: --num_prompts prompts drawn at random (seeded) from the train_prefs split
   preferences.jsonl       `prompt`, `chosen`, `rejected`: the binarized pairs of those same prompts (the replay buffer)
   eval_preferences.jsonl  `prompt`, `chosen`, `rejected`: --num_eval pairs of the test_prefs split (held out)
-chosen/rejected are the text of the last assistant turn of the dataset's `chosen`/`rejected` conversations. The exact
-random 10k subset of the paper's authors is not published; this one is reproducible from --seed. Rows whose prompt is
+chosen/rejected are the text of the last assistant turn of the dataset's `chosen`/`rejected` conversations. The subset
+is reproducible from --seed (it is not the authors' subset). Rows whose prompt is
 empty or whose chosen and rejected texts are identical are skipped and counted.
 --source may be a hub id or a local folder saved with `datasets.save_to_disk` (a DatasetDict with both splits).
 """
