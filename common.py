@@ -366,7 +366,8 @@ class Stage:
             return True
         changed = "its settings file is missing" if before is None else "; ".join(
             _differences(before.get("args", {}), self.settings["args"])
-            + [f"input --{k} changed" for k in self.inputs if before.get("inputs", {}).get(k) != self.input_fingerprints[k]])
+            + [f"input --{k} changed" for k in self.inputs
+               if before.get("inputs", {}).get(k) != self.input_fingerprints[k]])
         if not self.overwrite:
             raise DiceError(f"{path} holds an unfinished run with other settings ({changed}); rerun with the same "
                             "settings to resume it, or pass --overwrite to start again")

@@ -20,7 +20,8 @@ def run_script(args, check=True, env=None, cwd=ROOT, timeout=600):
     full_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     proc = subprocess.run(args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{args} exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}")
+        raise AssertionError(f"{args} exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\n"
+                             f"stderr:\n{proc.stderr[-3000:]}")
     return proc
 
 

@@ -13,6 +13,7 @@ DPOTrainer and 02_score split prompt and response where the two token lists firs
 import os
 
 import pytest
+
 from conftest import ROOT
 
 TEMPLATE_DIR = os.path.join(ROOT, "configs", "templates")

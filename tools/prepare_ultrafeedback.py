@@ -81,7 +81,8 @@ def main(
         by_prompt.setdefault(pair["prompt"], pair)
     prompts = sorted(by_prompt)
     if len(prompts) < num_prompts:
-        raise DiceError(f"{train_split} has {len(prompts)} distinct usable prompts, fewer than --num_prompts {num_prompts}")
+        raise DiceError(f"{train_split} has {len(prompts)} distinct usable prompts, "
+                        f"fewer than --num_prompts {num_prompts}")
     chosen = rng.sample(prompts, num_prompts)
     common.write_jsonl(os.path.join(out, "prompts.jsonl"), [{"prompt": p} for p in chosen])
     common.write_jsonl(os.path.join(out, "preferences.jsonl"), [by_prompt[p] for p in chosen])
