@@ -1,9 +1,13 @@
-"""run_rounds.sh and its helpers: presets, settings checks, round wiring, resume after kill -9, the settings refusal
-and FORCE, a failing shard worker, tools/merge_shards.py and tools/report.py.
+"""run_rounds.sh and its helpers: presets, settings checks, one run per OUT, round wiring, reruns ("done already"),
+resume after kill -9, the settings refusal and FORCE, a failing shard worker, tools/merge_shards.py and tools/report.py.
 
-The slow tests run the tiny preset (random 2-layer models, offline) end to end: about 2 minutes for the uninterrupted
-run on 2 CPU cores, shared by the wiring, resume and refusal tests.
+Skipping and refusing are the stage scripts' (common.stage): these tests check that the loop hands every stage the
+right command, passes --overwrite with FORCE=1, and stops on a refusal with one line. The slow tests run the tiny preset
+(random 2-layer models, offline) end to end: a few minutes for the uninterrupted run on 2 CPU cores, shared by the
+wiring, rerun and refusal tests.
 """
+import fcntl
+import glob
 import json
 import os
 import re
@@ -15,15 +19,18 @@ import time
 
 import pytest
 
+import common
+import report
 from conftest import ROOT, run_script
 
 SCRIPT = os.path.join(ROOT, "run_rounds.sh")
-PRESETS = ["demo", "tiny", "llama3-8b", "zephyr-7b"]
+PRESETS = ["demo", "tiny", "llama3-8b", "zephyr-7b", "node-check"]
 # The settings every tiny run of these tests shares (the uninterrupted and the killed runs must be comparable).
 # --batch_size 1: one generation batch per prompt, so a kill can land between two appended rows.
 TINY = {"GEN_ARGS": "--batch_size 1", "ROUNDS": "2"}
 STAGES = [("round_0", "train"), ("round_0", "eval"), ("round_1", "generate"), ("round_1", "score"),
           ("round_1", "score_offline"), ("round_1", "pairs"), ("round_1", "train"), ("round_1", "eval")]
+ROUND_STAGES = ["generate", "score", "score_offline", "pairs", "train", "eval"]
 
 
 def run_loop(out, preset="configs/tiny.env", check=True, **env):
@@ -34,6 +41,67 @@ def run_loop(out, preset="configs/tiny.env", check=True, **env):
 def read_jsonl(path):
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def stage_ends(stdout):
+    """{"round_t/stage": the stage's last line} from the loop's `done round_t/stage (N s): LAST LINE` lines."""
+    return dict(re.findall(r"\] done (round_\d+/\w+) \(\d+ s\): (.*)", stdout))
+
+
+def output_of(out, rnd, stage):
+    return out / rnd / report.OUTPUTS[stage]
+
+
+def finish(path):
+    """A done marker for a hand-made output, as common.stage writes it (the fields tools/report.py reads)."""
+    marker = {"output": {"path": str(path), "fingerprint": common.fingerprint(path)}}
+    common.write_json(common.done_marker(path), marker)
+
+
+def _wait_for(predicate, proc, timeout=300):
+    """Poll `predicate` until it holds (True), `proc` exits or `timeout` passes (False)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.02)
+    return False
+
+
+def start_loop(out, output, **env):
+    """run_rounds.sh on the tiny preset in the background, in its own process group (to kill it whole); its stdout
+    and stderr go to the file `output`."""
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OUT": str(out), "PYTHON": sys.executable,
+           "NUM_GPUS": "0", **TINY, **env}
+    with open(output, "w") as f:
+        return subprocess.Popen(["bash", SCRIPT, "configs/tiny.env"], cwd=ROOT, env=env, start_new_session=True,
+                                stdout=f, stderr=subprocess.STDOUT)
+
+
+def lock_is_free(path):
+    with open(path) as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+
+
+def kill_group(proc, out):
+    """kill -9 the loop's whole process group (the loop, its workers and their children), then wait until the
+    kernel has freed OUT/run.lock: every worker holds it, and a killed worker takes a moment to exit."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:  # every process of the group has exited already
+        pass
+    proc.wait()
+    lock = os.path.join(out, "run.lock")
+    deadline = time.time() + 60
+    while os.path.exists(lock) and not lock_is_free(lock) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not os.path.exists(lock) or lock_is_free(lock)
 
 
 # ----------------------------------------------------------------------------- fast checks (no model)
@@ -56,7 +124,8 @@ def test_presets_are_overridable_key_value_files(name):
         m = re.fullmatch(r'([A-Z0-9_]+)="\$\{([A-Z0-9_]+):-[^"$`]*\}"', line)
         assert m and m.group(1) == m.group(2), f"{name}.env: not KEY=\"${{KEY:-value}}\": {line}"
         keys.append(m.group(1))
-    assert {"OUT", "SFT_MODEL", "PROMPTS", "NUM_SAMPLES", "GAMMA", "BETA", "LEARNING_RATE"} <= set(keys)
+    assert {"OUT", "SFT_MODEL", "NUM_SAMPLES", "GAMMA", "BETA", "LEARNING_RATE"} <= set(keys)
+    assert "PROMPTS" in keys or "DICE_REPO" in keys  # the paper presets' prompts come from the official repository
     got = subprocess.run(["bash", "-c", f'set -eu; source "{path}"; echo "$NUM_SAMPLES $GAMMA"'],
                          env={"PATH": os.environ["PATH"], "NUM_SAMPLES": "7"}, capture_output=True, text=True,
                          check=True)
@@ -65,8 +134,9 @@ def test_presets_are_overridable_key_value_files(name):
 
 def test_paper_presets_hold_the_paper_settings():
     def load(name):
-        out = subprocess.run(["bash", "-c", f'source configs/{name}.env; declare -p | grep -o "declare -- [A-Z_0-9]*=.*"'],
-                             cwd=ROOT, capture_output=True, text=True, env={"PATH": os.environ["PATH"]}).stdout
+        script = f'source configs/{name}.env; declare -p | grep -o "declare -- [A-Z_0-9]*=.*"'
+        out = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True,
+                             env={"PATH": os.environ["PATH"]}).stdout
         return dict(re.match(r'declare -- ([A-Z_0-9]+)="?(.*?)"?$', line).groups() for line in out.splitlines())
 
     llama, zephyr = load("llama3-8b"), load("zephyr-7b")
@@ -77,9 +147,20 @@ def test_paper_presets_hold_the_paper_settings():
     assert (llama["TEMPERATURE"], llama["TOP_P"], llama["STOP_TOKEN_IDS"]) == ("0.9", "1.0", "128001,128009")
     assert (zephyr["TEMPERATURE"], zephyr["TOP_P"], zephyr["STOP_TOKEN_IDS"]) == ("0.7", "0.9", "")
     for p in (llama, zephyr):
+        # WARMUP_STEPS 0: the official `--lr_scheduler_type constant --warmup_steps 50` trains at a flat rate
         assert (p["NUM_SAMPLES"], p["MIN_VALID"], p["GAMMA"], p["BETA"], p["LEARNING_RATE"], p["MAX_STEPS"],
                 p["WARMUP_STEPS"], p["GLOBAL_BATCH"], p["EVAL_SIZE"]) == ("16", "8", "0.5", "0.1", "5e-7", "300",
-                                                                          "50", "32", "576")
+                                                                          "0", "32", "576")
+        # the authors' data from a clone of sail-sg/dice, not set by the preset itself; held-out pairs from UF's test
+        assert (p["DICE_REPO"], p["PROMPT_FIELD"]) == ("official-dice", "instruction")
+        assert "PROMPTS" not in p and "OFFLINE_PREFS" not in p
+        assert p["EVAL_PREFS"] == "data/ultrafeedback/eval_preferences.jsonl"
+    assert (llama["CHAT_TEMPLATE"], llama["PAPER"]) == ("configs/templates/llama3-dice.jinja", "llama3-8b")
+    assert (zephyr["CHAT_TEMPLATE"], zephyr["PAPER"]) == ("configs/templates/zephyr-dice.jinja", "zephyr-7b")
+    for p in (llama, zephyr):
+        assert os.path.isfile(os.path.join(ROOT, p["CHAT_TEMPLATE"]))
+    for name in ("demo", "tiny"):  # the small presets keep their tokenizers' own templates, and a flat rate
+        assert (load(name)["CHAT_TEMPLATE"], load(name)["WARMUP_STEPS"]) == ("", "0")
 
 
 @pytest.mark.parametrize("env, message", [
@@ -87,6 +168,9 @@ def test_paper_presets_hold_the_paper_settings():
     ({"FORCE": "yes"}, "FORCE must be 0 or 1"),
     ({"NUM_GPUS": "4", "TP_SIZE": "3"}, "not a multiple of TP_SIZE"),
     ({"GLOBAL_BATCH": "3"}, "GLOBAL_BATCH=3 is not a multiple"),
+    ({"GLOBAL_BATCH": "many"}, "GLOBAL_BATCH must be a whole number or auto"),
+    ({"REQUIRE_GPU": "yes"}, "REQUIRE_GPU must be 0 or 1"),
+    ({"CHAT_TEMPLATE": "configs/templates/nope.jinja"}, "input file configs/templates/nope.jinja not found"),
     ({"PROMPTS": "data/demo/nope.jsonl"}, "input file data/demo/nope.jsonl not found"),
     ({"SFT_MODEL": "tiny:x"}, "expected tiny:SEED"),
 ])
@@ -102,13 +186,121 @@ def test_missing_preset_is_a_clear_error(tmp_path):
     assert proc.returncode == 2 and "preset configs/nope.env not found" in proc.stderr
 
 
+def test_a_missing_dice_repo_is_one_line_naming_the_files_and_the_clone(tmp_path):
+    """The paper presets read the authors' data from a clone of sail-sg/dice (DICE_REPO); without it, one line names
+    the expected files and the clone command. PROMPTS and OFFLINE_PREFS set by the user make DICE_REPO unnecessary."""
+    repo, out = tmp_path / "no-clone", tmp_path / "out"
+    proc = run_loop(out, preset="configs/zephyr-7b.env", check=False, DICE_REPO=str(repo))
+    assert proc.returncode == 1 and proc.stdout == "" and proc.stderr.count("\n") == 1, proc.stderr
+    data = f"{repo}/data/UF-10k-subset"
+    for text in (f"{data}/prompt.json", f"{data}/preference.json", f"git clone https://github.com/sail-sg/dice {repo}"):
+        assert text in proc.stderr
+    assert not out.exists()
+    proc = run_loop(out, preset="configs/zephyr-7b.env", check=False, DICE_REPO=str(repo),
+                    EVAL_PREFS="data/demo/eval_preferences.jsonl", PROMPTS="data/demo/prompts.jsonl",
+                    OFFLINE_PREFS="data/demo/preferences.jsonl", BATCH_SIZE="2", GLOBAL_BATCH="3")
+    # past the data check, stopped by the next one
+    assert "GLOBAL_BATCH=3 is not a multiple" in proc.stderr and "UF-10k-subset" not in proc.stderr
+
+
+def test_node_check_refuses_a_machine_without_gpus_at_once(tmp_path):
+    proc = run_loop(tmp_path / "out", preset="configs/node-check.env", check=False)  # NUM_GPUS=0
+    assert proc.returncode == 1 and proc.stdout == "" and proc.stderr.count("\n") == 1, proc.stderr
+    assert "needs a GPU node (REQUIRE_GPU=1)" in proc.stderr and "configs/tiny.env is the CPU check" in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def _stub_tools(tmp_path):
+    """A PYTHON and an `accelerate` that only append their command line (with CUDA_VISIBLE_DEVICES) to calls.txt and
+    exit 0, or 1 when the line contains $STUB_FAIL: the loop's command construction, without running any stage."""
+    calls, bin_dir = tmp_path / "calls.txt", tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in ("python", "accelerate"):
+        (bin_dir / name).write_text(
+            "#!/usr/bin/env bash\n"
+            f'line="CUDA_VISIBLE_DEVICES=${{CUDA_VISIBLE_DEVICES:-}} {name} $*"\n'
+            f'echo "$line" >>{calls}\n'
+            '[[ -z ${STUB_FAIL:-} || $line != *"$STUB_FAIL"* ]] || { echo "stub failure" >&2; exit 1; }\n')
+        (bin_dir / name).chmod(0o755)
+    env = {"PYTHON": str(bin_dir / "python"), "PATH": f"{bin_dir}:{os.environ['PATH']}", "CUDA_VISIBLE_DEVICES": "",
+           "OPENAI_API_KEY": "", "GEN_ARGS": "", "ROUNDS": "1"}
+    return calls, env
+
+
+def test_node_check_wiring_on_two_simulated_gpus(tmp_path):
+    """configs/node-check.env with NUM_GPUS=2 (REQUIRE_GPU=1 satisfied), every command stubbed: vLLM generation in 2
+    data-parallel shards (one GPU each) then merged; scoring under `accelerate launch` with the multi-GPU config on
+    2 processes; round 0 and round 1 trained under DeepSpeed ZeRO-3 on 2 processes with GLOBAL_BATCH=auto (2 x 2
+    pairs: no accumulation); each trained checkpoint answers the AlpacaEval instructions on one GPU; the report; and
+    tools/node_check.py last, also when a stage fails."""
+    calls, env = _stub_tools(tmp_path)
+    out = tmp_path / "out"
+    proc = run_loop(out, preset="configs/node-check.env", NUM_GPUS="2", **env)
+    lines = calls.read_text().splitlines()
+    sft, pi0, pi1 = "HuggingFaceTB/SmolLM2-135M-Instruct", out / "round_0" / "model", out / "round_1" / "model"
+
+    def find(*parts):
+        found = [line for line in lines if all(p in line for p in parts)]
+        assert found, f"no call with {parts}:\n" + "\n".join(lines)
+        return found
+
+    ds = "accelerate launch --config_file configs/accelerate/deepspeed_zero3.yaml --num_processes 2 04_train_dpo.py"
+    train0, = find(ds, f"--model {sft} ", "--round 0 ")
+    train1, = find(ds, f"--model {pi0} ", "--round 1 ")
+    for train in (train0, train1):
+        assert "--per_device_train_batch_size 2 --gradient_accumulation_steps 1 " in train
+        assert "--warmup_steps 0 " in train and "--report_to" not in train
+    multi = "accelerate launch --config_file configs/accelerate/multi_gpu.yaml --num_processes 2 02_score.py"
+    assert len(find(multi, "--dtype bfloat16")) == 4  # eval of round 0; score, score_offline, eval of round 1
+    for i in (0, 1):
+        find(f"CUDA_VISIBLE_DEVICES={i} python 01_generate.py --model {pi0} ", f"--shard {i} --num_shards 2",
+             "--engine vllm", "--max_new_tokens 256", "--num_samples 4")
+    find("python tools/merge_shards.py")
+    for t, model in ((0, pi0), (1, pi1)):
+        find(f"CUDA_VISIBLE_DEVICES=0 python 01_generate.py --model {model} --prompts data/demo/eval_preferences.jsonl",
+             f"--out {out}/round_{t}/alpaca_eval/model_outputs.json --format alpaca_eval --num_samples 1 "
+             f"--generator out-round_{t} ", "--limit 8")
+    find(f"python tools/report.py --out {out} --annotator weighted_alpaca_eval_gpt4_turbo --sft {sft} "
+         "--run_name out-report")
+    assert lines[-1] == f"CUDA_VISIBLE_DEVICES= python tools/node_check.py --out {out} --paper llama3-8b"
+    assert proc.returncode == 0
+    # a failing stage: the run fails with its one line, and the node check still gives its verdict
+    calls.unlink()
+    proc = run_loop(tmp_path / "out2", preset="configs/node-check.env", check=False, NUM_GPUS="2",
+                    STUB_FAIL="--round 1", **env)
+    assert proc.returncode == 1 and "error: round_1/train failed" in proc.stderr
+    last = calls.read_text().splitlines()[-1]
+    assert last.endswith(f"tools/node_check.py --out {tmp_path / 'out2'} --paper llama3-8b")
+
+
+def test_a_second_run_on_the_same_out_is_refused_at_once(tmp_path):
+    """While one run_rounds.sh holds OUT/run.lock (it wrote its PID there), a second one on the same OUT stops at once
+    with one line naming the holder, and writes nothing to OUT. The kernel frees the lock when the holder dies."""
+    out = tmp_path / "out"
+    lock = out / "run.lock"
+    first = start_loop(out, tmp_path / "first.log")
+    try:
+        assert _wait_for(lambda: lock.exists() and lock.read_text().strip() == str(first.pid), first, timeout=60)
+        started = time.time()
+        second = run_loop(out, check=False)
+        assert time.time() - started < 30
+        assert second.returncode == 1 and second.stdout == ""
+        assert second.stderr.count("\n") == 1
+        assert f"is in use by run_rounds.sh process {first.pid} (it holds {out}/run.lock)" in second.stderr
+        assert lock.read_text().strip() == str(first.pid)
+        run_log = out / "run.log"  # the second run wrote nothing there (the first one may not have either, yet)
+        assert not run_log.exists() or run_log.read_text().count("run_rounds.sh ") <= 1
+    finally:
+        kill_group(first, out)  # which waits until the kernel has freed the lock
+
+
 # ----------------------------------------------------------------------------- tools/merge_shards.py
 
 def _write_shard(path, rows, done=True):
     with open(path, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     if done:
-        open(str(path) + ".done.json", "w").write("{}")
+        finish(path)
 
 
 @pytest.fixture
@@ -127,10 +319,18 @@ def test_merge_shards_restores_the_unsharded_order(tmp_path, prompt_file):
     rows = [{"prompt_id": pid, "responses": [pid]} for pid in order]
     _write_shard(tmp_path / "s0.jsonl", rows[0::2])
     _write_shard(tmp_path / "s1.jsonl", rows[1::2])
-    run_script(["python", "tools/merge_shards.py", "--prompts", prompt_file, "--out", tmp_path / "m.jsonl",
-                tmp_path / "s0.jsonl", tmp_path / "s1.jsonl"])
+    merge_args = ["python", "tools/merge_shards.py", "--prompts", prompt_file, "--out", tmp_path / "m.jsonl",
+                  tmp_path / "s0.jsonl", tmp_path / "s1.jsonl"]
+    run_script(merge_args)
     assert read_jsonl(tmp_path / "m.jsonl") == rows
-    assert os.path.exists(tmp_path / "m.jsonl.done.json")
+    assert report.finished(str(tmp_path / "m.jsonl"))
+    # the stage protocol: the same shards again are done already; a changed shard is refused unless --overwrite
+    assert "done already" in run_script(merge_args).stdout
+    _write_shard(tmp_path / "s1.jsonl", rows[1::2][::-1])
+    proc = run_script(merge_args, check=False)
+    assert proc.returncode == 2 and "input --shard1 changed" in proc.stderr and "--overwrite" in proc.stderr
+    run_script(merge_args + ["--overwrite"])
+    assert read_jsonl(tmp_path / "m.jsonl") == rows  # the unsharded order whatever the order inside a shard
     assert merge.expected_prompt_ids(str(prompt_file), limit=2) == sorted(common.prompt_id(p) for p in ["a?", "b?"])
 
 
@@ -194,11 +394,8 @@ def test_prepare_ultrafeedback_on_a_local_copy(tmp_path):
 
 def test_report_figures_on_known_files(tmp_path):
     r1 = tmp_path / "round_1"
-    (r1 / "stages").mkdir(parents=True)
-    (r1 / "pairs").mkdir()
+    (r1 / "pairs").mkdir(parents=True)
     (r1 / "model").mkdir()
-    for stage in ("generate", "score", "pairs", "train", "eval"):
-        (r1 / "stages" / f"{stage}.done.json").write_text("{}")
     _write_shard(r1 / "responses.jsonl", [
         {"prompt_id": "a", "prompt": "p", "responses": ["xx", "yyyy"], "finish_reasons": ["stop", "length"],
          "num_tokens": [2, 6]},
@@ -206,6 +403,7 @@ def test_report_figures_on_known_files(tmp_path):
          "num_tokens": [1, 3]}])
     _write_shard(r1 / "scores.jsonl", [{"rewards": [1.0, 3.0], "valid": [True, False]},
                                        {"rewards": [2.0, 0.0], "valid": [True, True]}])
+    _write_shard(r1 / "pairs" / "pairs.jsonl", [])
     (r1 / "pairs" / "stats.json").write_text(json.dumps({
         "alpha": 0.003, "mean_len_diff_before": 12.5, "mean_len_diff_after": -0.5, "chosen_len": {"mean": 40.0},
         "rejected_len": {"mean": 40.5}, "counts": {"n_pairs_generated": 7, "n_pairs_offline": 7,
@@ -213,14 +411,17 @@ def test_report_figures_on_known_files(tmp_path):
                                                    "n_dropped_identical": 0}}))
     _write_shard(r1 / "model" / "metrics.jsonl", [
         {"loss": 0.6931, "rewards/accuracies": 0.0, "step": 1}, {"loss": 0.5, "rewards/accuracies": 0.75, "step": 2},
-        {"train_runtime": 3.0, "train_loss": 0.6, "step": 2}])
+        {"train_runtime": 3.0, "train_loss": 0.6, "step": 2}], done=False)
+    finish(r1 / "model")
     _write_shard(r1 / "eval_prefs.jsonl", [{"chosen_reward": 1.0, "rejected_reward": 0.0},
                                            {"chosen_reward": 0.0, "rejected_reward": 0.0},  # a tie counts as wrong
                                            {"chosen_reward": -1.0, "rejected_reward": 1.0},
                                            {"chosen_reward": 2.0, "rejected_reward": 1.0}])
     r2 = tmp_path / "round_2"  # a round whose stages have not finished: its files must not be read
-    (r2 / "stages").mkdir(parents=True)
-    (r2 / "responses.jsonl").write_text('{"torn": ')
+    r2.mkdir()
+    (r2 / "responses.jsonl").write_text('{"torn": ')  # no done marker (a partial file)
+    _write_shard(r2 / "scores.jsonl", [{"rewards": [1.0], "valid": [True]}])
+    (r2 / "scores.jsonl").write_text('{"torn": ')  # a marker that no longer matches the file (being replaced)
     proc = run_script(["python", "tools/report.py", "--out", tmp_path])
     import report
 
@@ -233,7 +434,8 @@ def test_report_figures_on_known_files(tmp_path):
         (0.003, 12.5, -0.5, 7, 2)
     assert (one["loss_first"], one["loss_last"], one["reward_acc_last"]) == (0.6931, 0.5, 0.75)
     assert one["eval_accuracy"] == 0.5 and one["eval_pairs"] == 4
-    assert rows[1]["stages_done"] == [] and "truncation_rate" not in rows[1]
+    assert one["stages_done"] == ["generate", "score", "pairs", "train", "eval"]
+    assert rows[1]["stages_done"] == [] and "truncation_rate" not in rows[1] and "valid_rate" not in rows[1]
     text = (tmp_path / "report.md").read_text()
     assert "| 1 | 0.003 | +12.5 | -0.5 | 7/7 | 25% | 0.6931->0.5000 | 0.75 | 0.500 |" in text
     assert "report_lengths.png" in text and (tmp_path / "report_eval.png").exists()
@@ -265,15 +467,21 @@ def test_tiny_preset_end_to_end(tiny_run):
         for name in ("responses.jsonl", "scores.jsonl", "offline_scored.jsonl", "pairs/pairs.jsonl",
                      "pairs/stats.json", "model/model.safetensors", "eval_prefs.jsonl"):
             assert os.path.isfile(r / name), f"round_{t}/{name} missing"
-        for stage in ("generate", "score", "score_offline", "pairs", "train", "eval"):
-            assert os.path.isfile(r / "stages" / f"{stage}.done.json")
+        for stage in ROUND_STAGES:
+            assert report.finished(str(output_of(out, f"round_{t}", stage)))  # its own done marker matches it
             assert len(_commands(r / "logs" / f"{stage}.log")) == 1  # the exact command, echoed once
+        assert not (r / "stages").exists()  # no bookkeeping of the loop's own
         rows = read_jsonl(r / "responses.jsonl")
         assert len(rows) == 6 and all(len(row["responses"]) == 4 for row in rows)
         pairs = read_jsonl(r / "pairs" / "pairs.jsonl")
         assert {p["source"] for p in pairs} == {"generated", "offline"}
         # the replay pairs carry the scoring policy's log-probs, so training needs no reference forward
         assert all(p["ref_chosen_logps"] is not None for p in pairs)
+    # a line per stage start and end, in the paper's order, on stdout and in run.log
+    order = ["round_0/train", "round_0/eval"] + [f"round_{t}/{s}" for t in (1, 2) for s in ROUND_STAGES]
+    assert list(stage_ends(proc.stdout)) == order
+    assert list(stage_ends((out / "run.log").read_text())) == order
+    assert re.findall(r"\] start (round_\d+/\w+)", proc.stdout) == order
     # the paper's wiring: round t generates with pi_{t-1} and scores with (pi_{t-1}, pi_{t-2}), pi_{-1} = SFT
     gen1, = _commands(out / "round_1" / "logs" / "generate.log")
     score1, = _commands(out / "round_1" / "logs" / "score.log")
@@ -285,6 +493,7 @@ def test_tiny_preset_end_to_end(tiny_run):
     assert f"--policy {pi1} --reference {pi0} " in score2
     assert f"--model {pi1} " in train2 and f"--out {out / 'round_2' / 'model'} " in train2
     assert f"--policy {out / 'round_2' / 'model'} --reference {pi1} " in eval2
+    assert not any("--overwrite" in c for c in (gen1, score1, score2, train2, eval2))  # only with FORCE=1
     # the report: a row per round, printed at the end too
     text = (out / "report.md").read_text()
     for t in (0, 1, 2):
@@ -293,70 +502,75 @@ def test_tiny_preset_end_to_end(tiny_run):
     print(f"tiny preset, uninterrupted: {seconds:.0f} s")
 
 
+def _snapshot(out):
+    """(path, size, mtime) of every file the stages wrote (not the logs, not the report)."""
+    found = []
+    for folder, _, files in os.walk(out):
+        for name in files:
+            path = os.path.join(folder, name)
+            rel = os.path.relpath(path, out)
+            if "/logs/" not in f"/{rel}" and not name.startswith(("run.", "report")):
+                found.append((rel, os.path.getsize(path), os.stat(path).st_mtime_ns))
+    return sorted(found)
+
+
 @pytest.mark.slow
-def test_rerun_skips_and_changed_settings_are_refused(tiny_run, tmp_path):
+def test_rerun_runs_no_stage_again_and_changed_settings_are_refused(tiny_run, tmp_path):
+    """A rerun of a finished run: every stage says "done already" and no file changes. Changed settings, or a changed
+    input file, stop the loop at the first stage they change, with one line naming it and FORCE=1.
+    (A run folder moved elsewhere is not done already: 01's --generator defaults to the --model path, which is
+    compared as an argument and written in every row, so round_1/generate is refused there.)"""
     out, _, _ = tiny_run
-    pairs = out / "round_2" / "pairs" / "pairs.jsonl"
-    before = (pairs.read_bytes(), os.path.getmtime(pairs))
+    before = _snapshot(out)
     proc = run_loop(out)
-    assert proc.stdout.count("skip ") == 14  # 2 stages of round 0 + 6 per round
-    assert "start " not in proc.stdout
-    assert (pairs.read_bytes(), os.path.getmtime(pairs)) == before
+    ends = stage_ends(proc.stdout)
+    assert len(ends) == 14 and all("done already" in line for line in ends.values()), ends  # 2 + 6 per round
+    assert _snapshot(out) == before
     # a changed training setting of round 1 and later: refused, nothing touched
     proc = run_loop(out, check=False, MAX_STEPS="3")
-    assert proc.returncode != 0
-    assert "round_1/train finished before with other settings" in proc.stderr and "FORCE=1" in proc.stderr
-    assert (pairs.read_bytes(), os.path.getmtime(pairs)) == before
+    assert proc.returncode != 0 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "error: round_1/train failed" in proc.stderr and "max_steps: 2 -> 3" in proc.stderr
+    assert "FORCE=1" in proc.stderr
+    assert list(stage_ends(proc.stdout))[-1] == "round_1/pairs"  # what came before: done already
+    assert _snapshot(out) == before
     # a changed input file is a changed setting too
     prompts = tmp_path / "prompts.jsonl"
     shutil.copy(os.path.join(ROOT, "data/demo/prompts.jsonl"), prompts)
     with open(prompts, "a") as f:
         f.write(json.dumps({"prompt": "One more prompt?"}) + "\n")
     proc = run_loop(out, check=False, PROMPTS=str(prompts))
-    assert proc.returncode != 0 and "round_1/generate finished before with other settings" in proc.stderr
+    assert proc.returncode != 0 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "error: round_1/generate failed" in proc.stderr and "input --prompts changed" in proc.stderr
+    assert "FORCE=1" in proc.stderr
+    assert _snapshot(out) == before
 
 
 def _without_plots(text):
     return re.sub(r"## Plots\n\n(!\[.*\n)+\n", "", text)
 
 
-def _wait_for(predicate, proc, timeout=300):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        if proc.poll() is not None:
-            return False
-        time.sleep(0.05)
-    return False
-
-
 @pytest.mark.slow
 def test_kill_9_inside_every_stage_then_rerun_equals_uninterrupted(tiny_run, tmp_path):
     """kill -9 the whole loop (its process group) inside each stage of rounds 0 and 1, rerun each time; the final
-    pairs and the report equal the uninterrupted run's (for the same rounds: the killed run stops after round 1)."""
+    pairs and the report equal the uninterrupted run's (for the same rounds: the killed run stops after round 1).
+    Each kill lands at a point the test sees: the stage holds its output's lock (OUTPUT.lock, taken by common.stage
+    before any work and removed when the output is published); in generation, 2 of 6 prompts are in the partial file."""
     ref, _, _ = tiny_run
     out = tmp_path / "out"
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OUT": str(out), "PYTHON": sys.executable,
-           "NUM_GPUS": "0", **TINY}
-    run_log = out / "run.log"
     for rnd, stage in STAGES:
-        seen = run_log.read_text() if run_log.exists() else ""
-        stage_log = out / rnd / "logs" / f"{stage}.log"
-        log_before = stage_log.read_text() if stage_log.exists() else ""
-        proc = subprocess.Popen(["bash", SCRIPT, "configs/tiny.env"], cwd=ROOT, env=env, start_new_session=True,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        started = lambda: run_log.exists() and f"start  {rnd}/{stage}" in run_log.read_text()[len(seen):]  # noqa
-        assert _wait_for(started, proc), f"{rnd}/{stage} never started"
-        if stage == "generate":  # kill between two appended rows of the partial file
-            assert _wait_for(lambda: "[2/6 prompts]" in stage_log.read_text()[len(log_before):], proc)
+        output = output_of(out, rnd, stage)
+        lock, partial = f"{output}.lock", f"{output}.partial"
+        assert not os.path.exists(lock)
+        loop_log = tmp_path / f"{rnd}.{stage}.log"
+        proc = start_loop(out, loop_log)
+        if stage == "generate":  # between two appended rows of the partial file
+            inside = lambda: os.path.exists(partial) and open(partial).read().count("\n") >= 2  # noqa: E731
         else:
-            time.sleep(0.5 if stage == "pairs" else 1.5)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        assert not (out / rnd / "stages" / f"{stage}.done.json").exists(), f"the kill came after {rnd}/{stage}"
-        if stage == "generate":
-            assert len(read_jsonl(out / rnd / "responses.jsonl.partial")) >= 2
+            inside = lambda: os.path.exists(lock)  # noqa: E731
+        reached = _wait_for(inside, proc)
+        kill_group(proc, out)
+        assert reached, f"the loop ended before {rnd}/{stage}:\n{loop_log.read_text()[-3000:]}"
+        assert not report.finished(str(output)), f"the kill came after {rnd}/{stage} finished"
     run_loop(out, ROUNDS="1")  # round 2 would add nothing but time; the reference report is cut to rounds 0-1
     assert "resume: " in (out / "round_1" / "logs" / "generate.log").read_text()  # 01 resumed its partial file
     assert (out / "round_1" / "pairs" / "pairs.jsonl").read_text() == \
@@ -364,15 +578,15 @@ def test_kill_9_inside_every_stage_then_rerun_equals_uninterrupted(tiny_run, tmp
     cut = tmp_path / "reference"
     for rnd in ("round_0", "round_1"):
         shutil.copytree(ref / rnd, cut / rnd, symlinks=True)
-    run_script(["python", "tools/report.py", "--out", cut, "--plots", "false"])
+    run_script(["python", "tools/report.py", "--out", cut, "--plots", "false", "--sft", out / "models" / "tiny-seed1"])
     assert _without_plots((out / "report.md").read_text()) == _without_plots((cut / "report.md").read_text())
 
 
 @pytest.mark.slow
 def test_a_failing_shard_worker_fails_the_stage(tmp_path):
     """NUM_GPUS=2 on a CPU: two generation shards; a PYTHON wrapper makes shard 1 exit 3. The stage fails naming the
-    worker, the other worker is stopped, nothing is merged. A rerun with the wrapper fixed resumes, merges, and the
-    merged file holds exactly the rows an unsharded 01_generate.py writes."""
+    worker and its log's last line, the other worker is stopped, nothing is merged. A rerun with the wrapper fixed
+    generates, merges, and the merged file holds exactly the rows an unsharded 01_generate.py writes."""
     wrapper = tmp_path / "python"
     wrapper.write_text("#!/usr/bin/env bash\nprev=\nfor a in \"$@\"; do\n"
                        "  if [[ $prev == --shard && $a == 1 ]]; then echo 'simulated failure' >&2; exit 3; fi\n"
@@ -380,62 +594,131 @@ def test_a_failing_shard_worker_fails_the_stage(tmp_path):
                        f"exec {sys.executable} \"$@\"\n")
     wrapper.chmod(0o755)
     out = tmp_path / "out"
-    settings = dict(NUM_GPUS="2", ROUNDS="1", DPO_MODEL="tiny:2", GLOBAL_BATCH="4", STOP_AFTER="round_1/generate")
+    # no EVAL_PREFS: round 0's evaluation would run under `accelerate launch` for 2 GPUs
+    settings = dict(NUM_GPUS="2", ROUNDS="1", DPO_MODEL="tiny:2", GLOBAL_BATCH="4", EVAL_PREFS="",
+                    STOP_AFTER="round_1/generate")
     proc = run_loop(out, check=False, PYTHON=str(wrapper), **settings)
     assert proc.returncode != 0
     assert "round_1/generate failed: worker 1 exited with status 3" in proc.stderr
-    assert "simulated failure" in proc.stderr
+    assert "last line: simulated failure" in proc.stderr
     r1 = out / "round_1"
-    assert not (r1 / "responses.jsonl").exists() and not (r1 / "stages" / "generate.done.json").exists()
-    assert not (r1 / "shards" / "responses.0-of-2.jsonl.done.json").exists()  # worker 0 was stopped
+    assert not (r1 / "responses.jsonl").exists() and not report.finished(str(r1 / "responses.jsonl"))
+    assert not (r1 / "shards" / "responses.0-of-2.jsonl").exists()  # worker 0 was stopped
     for i in (0, 1):  # one worker per (fake) GPU
-        assert _commands(r1 / "logs" / f"generate.shard{i}.log")[0].startswith(f"CUDA_VISIBLE_DEVICES={i} ")
-    # the worker fixed (same PYTHON path, so the same settings), a rerun resumes; generation finishes and the loop
-    # stops there (STOP_AFTER: what follows would run under `accelerate launch` for 2 GPUs)
+        assert _commands(r1 / "logs" / f"generate.shard{i}.log")[0].startswith(f"env CUDA_VISIBLE_DEVICES={i} ")
+    # the worker fixed, a rerun generates both shards and merges them; the loop stops there (STOP_AFTER: what
+    # follows would run under `accelerate launch` for 2 GPUs)
     wrapper.write_text(f"#!/usr/bin/env bash\nexec {sys.executable} \"$@\"\n")
     proc = run_loop(out, PYTHON=str(wrapper), **settings)
-    assert "resume round_1/generate" in proc.stdout and "stop   after round_1/generate" in proc.stdout
-    assert not (r1 / "stages" / "score.started.json").exists()
-    assert (r1 / "stages" / "generate.done.json").exists()
+    assert "stop after round_1/generate" in proc.stdout
+    assert stage_ends(proc.stdout)["round_1/generate"].startswith("merged 2 shards")
+    assert report.finished(str(r1 / "responses.jsonl")) and not (r1 / "scores.jsonl").exists()
     merged = read_jsonl(r1 / "responses.jsonl")
-    gen, = _commands(r1 / "logs" / "generate.shard0.log")[-1:]
+    gen = _commands(r1 / "logs" / "generate.shard0.log")[-1]
+    assert "--shard 0 --num_shards 2" in gen
     single = tmp_path / "single.jsonl"
     run_script(["python", "01_generate.py", "--model", out / "models" / "tiny-seed2", "--prompts",
                 "data/demo/prompts.jsonl", "--out", single, "--num_samples", "4", "--temperature", "10", "--top_p",
                 "1.0", "--max_new_tokens", "48", "--seed", "1", "--engine", "auto", "--limit", "6",
                 "--stop_token_ids", ",".join(map(str, range(3, 21))), "--batch_size", "1"])
-    assert "--shard 0 --num_shards 2" in gen
     assert merged == read_jsonl(single)
 
 
 @pytest.mark.slow
 def test_force_redoes_a_changed_stage_and_what_follows(tiny_run):
-    """Last, as it changes the reference run: FORCE=1 with fewer prompts redoes round 1 from generation on and
-    skips what did not change (round 0, the scoring of the offline pairs)."""
+    """Last, as it changes the reference run: FORCE=1 with fewer prompts passes --overwrite to every stage; generation
+    changes, so do the stages that read it, while round 0 and the scoring of the offline pairs stay done already."""
     out, _, _ = tiny_run
     proc = run_loop(out, ROUNDS="1", FORCE="1", PROMPT_LIMIT="5")
-    assert "skip   round_0/train" in proc.stdout and "skip   round_1/score_offline" in proc.stdout
+    ends = stage_ends(proc.stdout)
+    for stage in ("round_0/train", "round_0/eval", "round_1/score_offline"):
+        assert "done already" in ends[stage]
     for stage in ("generate", "score", "pairs", "train", "eval"):
-        assert f"FORCE  round_1/{stage}" in proc.stdout
+        assert "done already" not in ends[f"round_1/{stage}"]
+    assert "--overwrite" in _commands(out / "round_1" / "logs" / "score.log")[-1]
     assert len(read_jsonl(out / "round_1" / "responses.jsonl")) == 5
 
 
-def test_a_moved_run_folder_is_still_recognised(tmp_path):
-    """The stage keys write OUT as $OUT: a finished stage copied elsewhere is skipped, not refused (no model needed:
-    round 0's train stage is faked by its done marker and its model folder)."""
-    out = tmp_path / "a"
-    proc = run_loop(out, check=False, ROUNDS="0", EVAL_PREFS="", ROUND0_MAX_STEPS="0")
-    assert proc.returncode != 0  # 04 refuses 0 steps; the stage started and recorded its key
-    started = out / "round_0" / "stages" / "train.started.json"
-    key = json.loads(started.read_text())["key"]
-    moved = tmp_path / "b"
-    shutil.copytree(out, moved)
-    proc = run_loop(moved, check=False, ROUNDS="0", EVAL_PREFS="", ROUND0_MAX_STEPS="0")
-    assert "resume round_0/train" in proc.stdout  # same key: an unfinished run with the same settings
-    assert json.loads((moved / "round_0" / "stages" / "train.started.json").read_text())["key"] == key
+# ----------------------------------------------------------------------------- paper presets on tiny models (slow)
+
+# The tiny preset's sampling workarounds (see configs/tiny.env) and small sizes, for a paper preset on tiny models.
+TINY_SAMPLING = dict(SFT_MODEL="tiny:1", DPO_MODEL="tiny:2", NUM_SAMPLES="4", MAX_NEW_TOKENS="48", TEMPERATURE="10",
+                     TOP_P="1.0", STOP_TOKEN_IDS=",".join(map(str, range(3, 21))), MIN_VALID="2", MAX_STEPS="2",
+                     GLOBAL_BATCH="2", EVAL_SIZE="0", TRAIN_MAX_LENGTH="256")
 
 
-# ----------------------------------------------------------------------------- the demo preset with the real model (slow)
+@pytest.mark.slow
+def test_zephyr_preset_reads_the_authors_data_files(tmp_path):
+    """Rows written in exactly the official formats (sail-sg/dice data/UF-10k-subset: prompt.json = JSON lines with
+    `instruction`, preference.json = JSON lines with `prompt`, `chosen`, `rejected` strings) under a fake DICE_REPO go
+    through the zephyr-7b preset's own 01 and 03 commands (its template, --prompt_field instruction), on tiny models:
+    round 1 samples the official prompts, and its pairs replay rows of preference.json."""
+    repo = tmp_path / "official-dice"
+    data = repo / "data" / "UF-10k-subset"
+    data.mkdir(parents=True)
+    instructions = ["Name three primary colors.", "Write a haiku about rain.\nKeep it short.",
+                    "  What is 2 + 2?  ", "Explain {{ templates }} to a child."]
+    offline = [{"prompt": f"Question {i}: why is the sky blue?", "chosen": f"Rayleigh scattering, answer {i}.",
+                "rejected": f"Because it is {i}."} for i in range(8)]
+    (data / "prompt.json").write_text("".join(json.dumps({"instruction": p}) + "\n" for p in instructions))
+    (data / "preference.json").write_text("".join(json.dumps(r) + "\n" for r in offline))
+    held_out = tmp_path / "eval.jsonl"  # the preset's EVAL_PREFS (UltraFeedback's test split) is not here
+    held_out.write_text("".join(json.dumps(r) + "\n" for r in offline[:2]))
+    out = tmp_path / "out"
+    proc = run_loop(out, preset="configs/zephyr-7b.env", DICE_REPO=str(repo), EVAL_PREFS=str(held_out),
+                    STOP_AFTER="round_1/pairs", **TINY_SAMPLING)
+    assert "stop after round_1/pairs" in proc.stdout
+    gen, = _commands(out / "round_1" / "logs" / "generate.log")
+    assert f"--prompts {data / 'prompt.json'} " in gen and "--prompt_field instruction " in gen
+    assert "--chat_template configs/templates/zephyr-dice.jinja " in gen
+    pairs_cmd, = _commands(out / "round_1" / "logs" / "pairs.log")
+    assert f"--offline {out / 'round_1' / 'offline_scored.jsonl'} --gamma 0.5 " in pairs_cmd
+    score_offline, = _commands(out / "round_1" / "logs" / "score_offline.log")
+    assert f"--pairs {data / 'preference.json'} " in score_offline
+    rows = read_jsonl(out / "round_1" / "responses.jsonl")
+    assert sorted(r["prompt"] for r in rows) == sorted(instructions)  # as written: not stripped, not reformatted
+    assert all(len(r["responses"]) == 4 for r in rows)
+    pairs = read_jsonl(out / "round_1" / "pairs" / "pairs.jsonl")
+    replayed = [p for p in pairs if p["source"] == "offline"]
+    assert replayed and [p for p in pairs if p["source"] == "generated"]
+    for p in replayed:
+        assert {k: p[k] for k in ("prompt", "chosen", "rejected")} in offline
+
+
+@pytest.mark.slow
+def test_alpaca_eval_outputs_for_every_model_and_a_failing_judge(tmp_path):
+    """ALPACA_EVAL set: pi_0 (round 0) and pi_1 answer the first 3 instructions in AlpacaEval's format, named per round;
+    a reward-model judge that does not exist leaves one line in judge_note.txt and the run finishes (exit 0); the
+    report shows the alpaca_eval command to run for each round (no API judge configured here). With REPORT_TO:
+    04 gets --report_to and a run name per round, and TensorBoard's event files appear in the published model."""
+    out = tmp_path / "out"
+    proc = run_loop(out, ROUNDS="1", EVAL_PREFS="", ALPACA_EVAL="data/demo/eval_preferences.jsonl",
+                    ALPACA_EVAL_LIMIT="3", JUDGE_RM=str(tmp_path / "no-such-reward-model"), OPENAI_API_KEY="",
+                    HF_HUB_OFFLINE="1", REPORT_TO="tensorboard", RUN_NAME="check")
+    assert proc.returncode == 0
+    expected = [json.loads(line)["prompt"] for line in open(os.path.join(ROOT, "data/demo/eval_preferences.jsonl"))]
+    for t, model in ((0, out / "round_0" / "model"), (1, out / "round_1" / "model")):
+        folder = out / f"round_{t}" / "alpaca_eval"
+        outputs = json.load(open(folder / "model_outputs.json"))
+        assert [o["instruction"] for o in outputs] == expected[:3]
+        assert {o["generator"] for o in outputs} == {f"check-round_{t}"}
+        assert report.finished(str(folder / "model_outputs.json"))
+        gen, = _commands(out / f"round_{t}" / "logs" / "alpaca_eval.log")
+        assert f"--model {model} " in gen and "--num_samples 1 " in gen and "--temperature 10 " in gen
+        note = (folder / "judge_note.txt").read_text()
+        assert note.count("\n") == 1 and note.startswith("judge_rm failed") and "judge_rm.log" in note
+        assert not (out / f"round_{t}" / "logs" / "alpaca_eval_judge.log").exists()  # no API judge configured
+        train, = _commands(out / f"round_{t}" / "logs" / "train.log")
+        assert f"--round {t} " in train and f"--report_to tensorboard --run_name check-round_{t}" in train
+        assert glob.glob(str(out / f"round_{t}" / "model" / "runs" / "**" / "events.out.tfevents*"), recursive=True)
+    text = (out / "report.md").read_text()
+    for t in (0, 1):
+        assert report.judge_command("", t, report.PAPER_ANNOTATOR) in text
+    assert "judge_rm failed" in text
+    assert "failed round_1/judge_rm" in proc.stdout and "the run goes on" in proc.stdout
+
+
+# ----------------------------------------------------------------------------- the demo preset, real model (slow)
 
 @pytest.mark.slow
 def test_demo_preset_runs_with_smollm2_scaled_down(smollm2, tmp_path):
@@ -469,9 +752,8 @@ def test_demo_preset_runs_with_smollm2_scaled_down(smollm2, tmp_path):
             assert (p["ref_chosen_logps"], p["ref_rejected_logps"]) == (s["policy_logps"][c], s["policy_logps"][r])
     assert all(p["ref_chosen_logps"] is None for p in offline_rows)  # SCORE_OFFLINE=0: stage 4 computes these
     supplied = sum(p["ref_chosen_logps"] is not None for p in pairs)
-    train_log = (out / "round_1" / "logs" / "train.log").read_text()
-    assert f'reference log-probs: {{"train": {{"supplied": {supplied}, "computed": {len(pairs) - supplied}}}}}' \
-        in train_log
+    marker = json.load(open(out / "round_1" / "model.done.json"))  # 04's done marker records where they came from
+    assert marker["reference_logps"] == {"train": {"supplied": supplied, "computed": len(pairs) - supplied}}
     assert os.path.isfile(pi1 / "model.safetensors")
     text = (out / "report.md").read_text()
     assert re.search(r"^\| 0 \|", text, re.M) and re.search(r"^\| 1 \|", text, re.M)
