@@ -352,10 +352,7 @@ def resolve_args(values, state):
         raise DiceError("--out must differ from the input file")
     if args["chat_template"] is not None:
         common.read_chat_template(args["chat_template"])  # a missing or broken file fails here, before any work
-    if (args["responses"] or args["pairs"]).lower().endswith((".jsonl", ".json", ".parquet")):
-        args["split"] = None  # a file has no splits: --split is not part of its output's identity
-    elif not args["split"]:
-        raise DiceError("--split is required with a dataset folder or hub dataset id (e.g. train, test_prefs)")
+    args["split"] = common.split_of(args["responses"] or args["pairs"], args["split"])
     if args["max_chars"] <= args["min_chars"]:
         raise DiceError(f"--max_chars must be > --min_chars ({args['min_chars']}), got {args['max_chars']}")
     if args["batch_tokens"] is None:  # on CPUs one sequence per forward is fastest (measured): no padding

@@ -101,10 +101,7 @@ def resolve_args(values):
         raise DiceError(f"--gamma must be < 1 (the share of offline pairs), got {gamma}")
     if gamma > 0 and not args["offline"]:
         raise DiceError(f"--gamma {gamma} needs --offline (the offline preference pairs to replay)")
-    if args["offline"] is None or str(args["offline"]).lower().endswith((".jsonl", ".json", ".parquet")):
-        args["split"] = None  # only a dataset folder or a hub id has splits
-    elif not args["split"]:
-        raise DiceError(f"--split is required when --offline is a dataset folder or hub id ({args['offline']})")
+    args["split"] = common.split_of(args["offline"], args["split"])
     order = ("scores", "out_dir", "offline", "split", "gamma", "min_valid", "alpha", "alpha_mode", "length_control",
              "seed", "plots", "overwrite")
     return {k: gamma if k == "gamma" else args[k] for k in order}

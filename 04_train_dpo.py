@@ -209,10 +209,7 @@ def resolve_args(values):
     args["chat_template"] = args["chat_template"] or None  # "" (run_rounds.sh's empty CHAT_TEMPLATE): the model's own
     if args["chat_template"]:
         common.read_chat_template(args["chat_template"])  # a missing or broken file fails here, before any work
-    if args["pairs"].lower().endswith((".jsonl", ".json", ".parquet")):
-        args["split"] = None  # a file has no splits: --split is not part of its output's identity
-    elif not args["split"]:
-        raise DiceError("--split is required with a dataset folder or hub dataset id (e.g. train, train_prefs)")
+    args["split"] = common.split_of(args["pairs"], args["split"])
     return args
 
 

@@ -178,6 +178,16 @@ def read_rows(source, split="train"):
         raise DiceError(f"cannot read {source}: not UTF-8 text (byte {e.start})") from None
 
 
+def split_of(source, split):
+    """The split that names `source`'s rows: None for a file (a file has no splits, so --split is not part of its
+    output's identity), `split` for a dataset folder or a hub id, where it is required."""
+    if source is None or str(source).lower().endswith((".jsonl", ".json", ".parquet")):
+        return None
+    if not split:
+        raise DiceError(f"--split is required with a dataset folder or hub dataset id ({source})")
+    return split
+
+
 def _read_json(source):
     try:
         with open(source, encoding="utf-8") as f:
@@ -470,18 +480,6 @@ def to_messages(prompt, where="prompt"):
     ):
         return [{"role": m["role"], "content": m["content"]} for m in prompt]
     raise DiceError(f"{where}: a prompt must be a non-empty string or a list of {{role, content}} messages")
-
-
-def check_pair(row, where):
-    """A preference pair: `prompt` (string or messages) and `chosen`/`rejected` strings; returns the prompt messages.
-    Anything else is a DiceError naming `where` (file:line)."""
-    for key in ("prompt", "chosen", "rejected"):
-        if key not in row:
-            raise DiceError(f"{where}: missing field '{key}' (a pair needs prompt, chosen and rejected)")
-    for key in ("chosen", "rejected"):
-        if not isinstance(row[key], str):
-            raise DiceError(f"{where}: '{key}' must be a string, got {type(row[key]).__name__}")
-    return to_messages(row["prompt"], where)
 
 
 def read_pair(row, where):
