@@ -47,8 +47,9 @@ Output, in --out_dir:
   stats.json    alpha, the sweep, length gap before/after shaping, length and reward summaries, every count, seed, args
   alpha_sweep.png, reward_hist.png (chosen vs rejected), length_hist.png (before vs after shaping)
   pairs.jsonl.done.json  common.stage's done marker (arguments, input fingerprints, alpha, counts); stats.json and the
-                plots are written before pairs.jsonl is published. A rerun with the same arguments and inputs is
-                "done already"; other arguments or inputs are refused unless --overwrite.
+                plots are written before pairs.jsonl is published (an --overwrite redo removes the old marker first:
+                a redo that dies midway leaves nothing that counts as finished). A rerun with the same arguments and
+                inputs is "done already"; other arguments or inputs are refused unless --overwrite.
 Speed (bench/bench_build_pairs.py: whole process and core, against the official code's approach): the table of
 prompts x K is built once and each alpha of the scan is a few numpy operations over it; the plots are drawn by a
 second process that imports matplotlib while this one reads the scores.
@@ -526,6 +527,7 @@ def main(
         order = rng.permutation(len(gen_idx) + len(off_idx))
 
         # the plots, drawn by the plot process while the rows are built and written; the length gap before shaping
+        st.writing_beside()  # with --overwrite, the old pairs stop counting as finished before new stats/plots appear
         c0, r0, tie0, identical0 = select(table, 0.0)
         picked, picked0 = (chosen, rejected, keep), (c0, r0, ~tie0 & ~identical0)
         len_c, len_r, rew_c, rew_r = pair_columns(table, *picked)

@@ -544,6 +544,36 @@ def test_cli_rerun_is_done_already_changes_are_refused_overwrite_redoes(tmp_path
     assert marker["output"]["fingerprint"] == common.fingerprint(str(out / "pairs.jsonl"))
 
 
+def test_an_overwrite_that_dies_midway_leaves_nothing_that_counts_as_finished(tmp_path, monkeypatch):
+    """--overwrite with new settings writes stats.json before the new pairs.jsonl: killed in between, the old pairs must
+    not keep a marker that vouches for them beside the new stats (the report and run_rounds.sh would mix the two)."""
+    scores = write(tmp_path / "s.jsonl", random_rows(1, n=30))
+    out = tmp_path / "out"
+    bp.main(scores=scores, out_dir=str(out), min_valid=3, seed=7, plots=False)
+    old_pairs = (out / "pairs.jsonl").read_bytes()
+    marker = str(out / "pairs.jsonl.done.json")
+    assert os.path.isfile(marker)
+
+    def killed(path, rows):
+        raise KeyboardInterrupt  # as a kill between stats.json and the new pairs.jsonl
+
+    monkeypatch.setattr(bp.common, "write_jsonl", killed)
+    with pytest.raises(KeyboardInterrupt):
+        bp.main(scores=scores, out_dir=str(out), min_valid=3, seed=8, plots=False, overwrite=True)
+    monkeypatch.undo()
+    assert json.load(open(out / "stats.json"))["seed"] == 8 and (out / "pairs.jsonl").read_bytes() == old_pairs
+    assert not os.path.exists(marker)  # the old pairs no longer count as finished
+    with pytest.raises(common.DiceError, match="is not a finished output of this stage"):
+        bp.main(scores=scores, out_dir=str(out), min_valid=3, seed=7, plots=False)
+    bp.main(scores=scores, out_dir=str(out), min_valid=3, seed=8, plots=False, overwrite=True)
+    assert json.load(open(marker))["output"]["fingerprint"] == common.fingerprint(str(out / "pairs.jsonl"))
+    # bad input with --overwrite is refused before anything beside the output changes: the marker stays
+    with pytest.raises(common.DiceError):
+        bp.main(scores=write(tmp_path / "bad.jsonl", ["{"]), out_dir=str(out), min_valid=3, seed=8, plots=False,
+                overwrite=True)
+    assert json.load(open(marker))["args"]["seed"] == 8
+
+
 @pytest.mark.parametrize("where", ["save_plots", "_plot_when_told"])
 def test_a_failing_plot_process_publishes_nothing(tmp_path, monkeypatch, where):
     def broken(*args):
