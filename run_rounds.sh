@@ -245,7 +245,8 @@ generate_worker() {  # 01_generate.py, worker I of N, sampling from pi_{t-1} ($P
   CMD=(); ((NUM_GPUS == 0)) || CMD=(env "CUDA_VISIBLE_DEVICES=$(IFS=,; echo "${gpus[*]}")")
   CMD+=("$PYTHON" 01_generate.py --model "$POLICY" --prompts "$PROMPTS" --out "$out" --num_samples "$NUM_SAMPLES"
        --temperature "$TEMPERATURE" --top_p "$TOP_P" --max_new_tokens "$MAX_NEW_TOKENS" --seed "$((SEED + T))"
-       --engine "$GEN_ENGINE" "${PROMPT_ARGS[@]}" "${TEMPLATE[@]}" "${DECODE_ARGS[@]}")
+       --engine "$GEN_ENGINE" --generator "$RUN_NAME-round_$((T - 1))" "${PROMPT_ARGS[@]}" "${TEMPLATE[@]}"
+       "${DECODE_ARGS[@]}")  # the generator is named, not its path: a moved run folder stays done
   ((n == 1)) || CMD+=(--shard "$i" --num_shards "$n")
   CMD+=("${GEN_EXTRA[@]}" "${OVERWRITE[@]}")
 }

@@ -517,15 +517,20 @@ def _snapshot(out):
 @pytest.mark.slow
 def test_rerun_runs_no_stage_again_and_changed_settings_are_refused(tiny_run, tmp_path):
     """A rerun of a finished run: every stage says "done already" and no file changes. Changed settings, or a changed
-    input file, stop the loop at the first stage they change, with one line naming it and FORCE=1.
-    (A run folder moved elsewhere is not done already: 01's --generator defaults to the --model path, which is
-    compared as an argument and written in every row, so round_1/generate is refused there.)"""
+    input file, stop the loop at the first stage they change, with one line naming it and FORCE=1. A run folder moved
+    elsewhere (same name) is done already there too: stages compare their inputs by content, not by path, and
+    run_rounds.sh names each round's generator (RUN_NAME-round_t) instead of passing its path."""
     out, _, _ = tiny_run
     before = _snapshot(out)
     proc = run_loop(out)
     ends = stage_ends(proc.stdout)
     assert len(ends) == 14 and all("done already" in line for line in ends.values()), ends  # 2 + 6 per round
     assert _snapshot(out) == before
+    moved = tmp_path / "elsewhere" / out.name
+    shutil.copytree(out, moved, symlinks=True)  # copy2: sizes and mtimes kept
+    ends = stage_ends(run_loop(moved).stdout)
+    assert len(ends) == 14 and all("done already" in line for line in ends.values()), ends
+    assert _snapshot(moved) == before
     # a changed training setting of round 1 and later: refused, nothing touched
     proc = run_loop(out, check=False, MAX_STEPS="3")
     assert proc.returncode != 0 and proc.stderr.count("\n") == 1, proc.stderr
@@ -619,8 +624,8 @@ def test_a_failing_shard_worker_fails_the_stage(tmp_path):
     single = tmp_path / "single.jsonl"
     run_script(["python", "01_generate.py", "--model", out / "models" / "tiny-seed2", "--prompts",
                 "data/demo/prompts.jsonl", "--out", single, "--num_samples", "4", "--temperature", "10", "--top_p",
-                "1.0", "--max_new_tokens", "48", "--seed", "1", "--engine", "auto", "--limit", "6",
-                "--stop_token_ids", ",".join(map(str, range(3, 21))), "--batch_size", "1"])
+                "1.0", "--max_new_tokens", "48", "--seed", "1", "--engine", "auto", "--limit", "6", "--generator",
+                "out-round_0", "--stop_token_ids", ",".join(map(str, range(3, 21))), "--batch_size", "1"])
     assert merged == read_jsonl(single)
 
 
