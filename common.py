@@ -295,7 +295,6 @@ class Stage:
         self.args, self.inputs, self.overwrite = args, {k: v for k, v in inputs.items() if v is not None}, overwrite
         self.ignore, self.marker, self.tmp = tuple(ignore), done_marker(self.out), self.out + ".tmp"
         self.record, self.works, self.started, self._lock = {}, [], time.time(), None
-        self.replacing = False  # redoing a finished output (--overwrite with other arguments or inputs)
 
     # -- the start: who holds the output, is it done already, may it be replaced
     def begin(self):
@@ -313,7 +312,6 @@ class Stage:
             if not self.overwrite:
                 raise DiceError(f"{self.out} was made with other arguments or inputs ({'; '.join(changed)}); "
                                 "pass --overwrite to redo it")
-            self.replacing = True
         elif os.path.lexists(self.out) and not self.overwrite:
             raise DiceError(f"{self.out} already exists but is not a finished output of this stage (no matching "
                             f"{os.path.basename(self.marker)}); pass --overwrite to replace it")
@@ -357,12 +355,12 @@ class Stage:
             self._lock = None
 
     def writing_beside(self):
-        """Call before writing files beside the output (03's stats.json and plots). When this run replaces a finished
-        output, the old one stops counting as finished now (its done marker goes), so a run killed from here on never
-        leaves new side files beside an output whose marker still vouches for it: the next run must redo it."""
-        if self.main and self.replacing:
+        """Call before writing files beside the output (03's stats.json and plots). When this run replaces an output
+        (--overwrite; an unchanged one was done already in `begin`), the old one stops counting as finished now (its
+        done marker goes), so a run killed from here on never leaves new side files beside an output whose marker
+        still vouches for it: the next run must redo it."""
+        if self.main and self.overwrite:
             _remove(self.marker)
-            self.replacing = False
 
     # -- resumable work (01's partial file, 04's checkpoints)
     def work(self, path, keep=False):
