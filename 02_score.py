@@ -13,7 +13,7 @@ policy_logps - reference_logps.
 Exactness: every log-prob is the one TRL 1.16's DPOTrainer computes for the conversational row
 prompt = [{"role": "user", "content": p}], chosen = [{"role": "assistant", "content": y}] (fp32: equal to within float
 noise, tests/test_score.py checks it against TRL itself). That is: the prompt is the chat template with the generation
-prompt (common.chat_prompt_ids), prompt+response is the whole conversation (the end-of-turn tokens belong to the
+prompt (models.chat_prompt_ids), prompt+response is the whole conversation (the end-of-turn tokens belong to the
 response), the response starts where the two token lists first differ (earlier than the prompt's end when tokens merge
 across the boundary), prompt+response is cut to --max_length (--truncation_mode keep_start, TRL's default, or
 keep_end), and the sum runs through TRL's own fused LM head (on its completion-positions-only path, which TRL takes on
@@ -29,7 +29,7 @@ splits as `completion_starts`; 03 passes reference log-probs to stage 4 only for
 
 Input: a .jsonl file (streamed; errors name file:line), a .json file (a list of objects, or JSON lines as the official
 DICE data), a .parquet file, a folder saved with datasets' `save_to_disk`, or a hub dataset id (--split picks the split
-of a folder or hub dataset) -- common.read_rows.
+of a folder or hub dataset) -- data.read_rows.
 Input -> output (JSONL, one row per line; other fields are kept as they are):
   --responses: 01's rows `prompt_id`, `prompt` (string or messages), `responses` (K strings), `finish_reasons` (K of
       "stop"/"length"), `num_tokens`, `generator`  ->  plus `policy_logps` (K floats), `reference_logps` (K),
@@ -37,7 +37,7 @@ Input -> output (JSONL, one row per line; other fields are kept as they are):
       token where each response starts in the tokenized conversation). A response is valid when its finish
       reason is not "length" and --min_chars < len(response) < --max_chars (the paper code's 3 and 6700). Invalid
       responses are still scored; `valid` says they must not be ranked.
-  --pairs: pairs in any shape common.read_pair reads: `prompt`, `chosen`, `rejected` strings; TRL's conversational
+  --pairs: pairs in any shape data.read_pair reads: `prompt`, `chosen`, `rejected` strings; TRL's conversational
       format (prompt as messages, chosen/rejected as one assistant turn); or full conversations whose last turn is
       the answer (HuggingFaceH4/ultrafeedback_binarized; `prompt` then optional). The output row is the input row with
       prompt/chosen/rejected rewritten in the project's pair shape, which 03 --offline and 04 read: prompt a string
@@ -45,7 +45,7 @@ Input -> output (JSONL, one row per line; other fields are kept as they are):
       prompt_id, messages, score_chosen) is kept  ->  plus `policy_chosen_logps`, `policy_rejected_logps`,
       `reference_chosen_logps`, `reference_rejected_logps`, `chosen_reward`, `rejected_reward`; the implicit-reward
       accuracy (share of pairs with chosen_reward > rejected_reward) is printed and saved in the done marker.
-  Also OUT.done.json (common.stage): the arguments, input fingerprints, counts and, in --pairs mode, the accuracy.
+  Also OUT.done.json (protocol.stage): the arguments, input fingerprints, counts and, in --pairs mode, the accuracy.
   A rerun with the same arguments and inputs prints "done already" (exit 0) before any model is loaded; other
   arguments or changed inputs are refused unless --overwrite. --batch_tokens, --chunk_rows and the number of
   processes only change speed (the scores agree to float noise), so they are recorded but not compared.
@@ -85,8 +85,7 @@ import math
 import os
 import time
 
-import common
-from common import DiceError
+from dice import DiceError, cli, data, models, protocol, trl_internals
 
 SPEED_ONLY = ("batch_tokens", "chunk_rows", "num_processes")  # change speed, not the scores: not compared on a rerun
 
@@ -111,7 +110,7 @@ def common_prefix_length(a, b):
 def conversation_ids(tokenizer, prompt, completions):
     """Token ids of prompt+completion for each completion, as TRL tokenizes a conversational row: the whole
     conversation through the chat template, no special tokens added again. One batched call for all completions."""
-    messages = common.to_messages(prompt)
+    messages = data.to_messages(prompt)
     convs = [messages + [{"role": "assistant", "content": c}] for c in completions]
     out = tokenizer.apply_chat_template(convs, tokenize=True, return_dict=True)["input_ids"]
     return [list(ids) for ids in out]
@@ -178,7 +177,7 @@ def check_row(row, where):
     """Raise a DiceError naming `where` (file:line) for a row of 01's output that cannot be scored. Returns K."""
     if "prompt" not in row:
         raise DiceError(f"{where}: missing field 'prompt'")
-    common.to_messages(row["prompt"], where=where)
+    data.to_messages(row["prompt"], where=where)
     for key in ("responses", "finish_reasons"):
         if key not in row:
             raise DiceError(f"{where}: missing field '{key}'")
@@ -206,7 +205,7 @@ def tokenize_row(tokenizer, row, mode, max_length, truncation_mode):
     """The sequences of one row: a list (one per response, or [chosen, rejected]) of (ids, completion_start) after
     TRL's truncation, or None where TRL would drop it; the untruncated completion starts (one per response; in pairs
     mode TRL's min of the two); plus counts for the report."""
-    prompt_ids = common.chat_prompt_ids(tokenizer, row["prompt"])  # once per row, shared by its K responses
+    prompt_ids = models.chat_prompt_ids(tokenizer, row["prompt"])  # once per row, shared by its K responses
     completions = [row["chosen"], row["rejected"]] if mode == "pairs" else row["responses"]
     fulls = conversation_ids(tokenizer, row["prompt"], completions)
     starts = [common_prefix_length(prompt_ids, ids) for ids in fulls]
@@ -225,58 +224,6 @@ def tokenize_row(tokenizer, row, mode, max_length, truncation_mode):
     return seqs, starts, counts
 
 
-@contextlib.contextmanager
-def completion_positions_only():
-    """TRL's fused LM head projects only the completion positions where Triton runs (GPUs) and every position
-    elsewhere, masking afterwards. Ask for the former on every device: the same per-token log-probs up to float
-    rounding (the tests compare with TRL's own CPU path), about 10% faster on CPUs when most tokens are prompt. If
-    the private switch moves in another TRL version, TRL's own choice stays (slower, equally exact)."""
-    import trl.trainer.utils as trl_utils
-
-    original = getattr(trl_utils, "_use_triton", None)
-    if original is None:
-        yield
-        return
-    trl_utils._use_triton = lambda device: True
-    try:
-        yield
-    finally:
-        trl_utils._use_triton = original
-
-
-def batch_logps(model, seqs, pad_id, device, autocast_dtype=None):
-    """Summed completion log-probs of sequences [(ids, completion_start)], one forward, computed the way TRL's
-    DPOTrainer does (right padding, labels -100 outside the completion, TRL's fused LM head, sum over tokens)."""
-    import torch
-
-    width = max(len(ids) for ids, _ in seqs)
-    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    completion_mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for b, (ids, start) in enumerate(seqs):
-        input_ids[b, : len(ids)] = torch.tensor(ids)
-        attention_mask[b, : len(ids)] = 1
-        completion_mask[b, start : len(ids)] = 1
-    input_ids, attention_mask, completion_mask = (t.to(device) for t in (input_ids, attention_mask, completion_mask))
-    labels = input_ids.masked_fill(completion_mask == 0, -100)
-    autocast = (torch.autocast(torch.device(device).type, dtype=autocast_dtype) if autocast_dtype is not None
-                else contextlib.nullcontext())
-    with torch.inference_mode(), autocast, completion_positions_only():
-        out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True,
-                    use_cache=False)
-        per_token = out.log_probs[:, -(width - 1):]
-        return per_token.sum(dim=1).float().cpu().tolist()
-
-
-def load_scorer(path, dtype, device, trust_remote_code):
-    """A model ready for batch_logps: safe loading (common.load_model) plus TRL's fused LM head."""
-    from trl.trainer.utils import add_fused_lm_head
-
-    model = common.load_model(path, dtype=dtype, trust_remote_code=trust_remote_code, device=device)
-    add_fused_lm_head(model)
-    return model
-
-
 def padding_id(tokenizer):
     """TRL's padding id (pad, else EOS); padding is masked out, so any id will do when the tokenizer has neither."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -284,10 +231,10 @@ def padding_id(tokenizer):
 
 
 def read_input(source, split, mode):
-    """Yield (where, row) for every input row (common.read_rows: any file or dataset shape); in pairs mode the row's
-    prompt/chosen/rejected are rewritten in the project's pair shape (common.read_pair), its other fields kept."""
-    for where, row in common.read_rows(source, split):
-        yield where, ({**row, **common.read_pair(row, where)} if mode == "pairs" else row)
+    """Yield (where, row) for every input row (data.read_rows: any file or dataset shape); in pairs mode the row's
+    prompt/chosen/rejected are rewritten in the project's pair shape (data.read_pair), its other fields kept."""
+    for where, row in data.read_rows(source, split):
+        yield where, ({**row, **data.read_pair(row, where)} if mode == "pairs" else row)
 
 
 def chunks(source, split, mode, chunk_rows):
@@ -336,7 +283,7 @@ def start_processes():
 
 def resolve_args(values, state):
     """main's arguments checked and converted (fire ignores type hints), plus the mode and the number of processes."""
-    args = common.convert(values, {
+    args = cli.legacy_convert(values, {
         "policy": str, "reference": str, "responses": str, "pairs": str, "split": str, "out": str,
         "chat_template": str, "max_length": (int, 2),
         "truncation_mode": ("keep_start", "keep_end"), "min_chars": (int, 0), "max_chars": (int, 1),
@@ -351,8 +298,8 @@ def resolve_args(values, state):
     if os.path.abspath(args["out"]) == os.path.abspath(args["responses"] or args["pairs"]):
         raise DiceError("--out must differ from the input file")
     if args["chat_template"] is not None:
-        common.read_chat_template(args["chat_template"])  # a missing or broken file fails here, before any work
-    args["split"] = common.split_of(args["responses"] or args["pairs"], args["split"])
+        models.read_chat_template(args["chat_template"])  # a missing or broken file fails here, before any work
+    args["split"] = data.split_of(args["responses"] or args["pairs"], args["split"])
     if args["max_chars"] <= args["min_chars"]:
         raise DiceError(f"--max_chars must be > --min_chars ({args['min_chars']}), got {args['max_chars']}")
     if args["batch_tokens"] is None:  # on CPUs one sequence per forward is fastest (measured): no padding
@@ -363,7 +310,7 @@ def resolve_args(values, state):
 def check_input(source, split, mode):
     """Check every row before any model work (file:line errors, nothing written). Returns (rows, sequences)."""
     num_rows = num_seqs = 0
-    for where, row in read_input(source, split, mode):  # pairs: common.read_pair checked it
+    for where, row in read_input(source, split, mode):  # pairs: data.read_pair checked it
         num_seqs += 2 if mode == "pairs" else check_row(row, where)
         num_rows += 1
     if num_rows == 0:
@@ -389,7 +336,7 @@ def score_sequences(seqs, models, pad_id, state, args, counts):
     for batch, rank in zip(batches, assign_batches(batches, lengths, state.num_processes)):
         if rank == state.process_index:
             group = [seqs[i] for i in batch]
-            mine.extend(zip(batch, *(batch_logps(m, group, pad_id, state.device, autocast) for m in models)))
+            mine.extend(zip(batch, *(trl_internals.batch_logps(m, group, pad_id, state.device, autocast) for m in models)))
     if state.num_processes > 1:
         from accelerate.utils import gather_object
 
@@ -447,7 +394,7 @@ def score_chunk(chunk, tokenizer, models, state, args, counts):
 def print_report(state, args, counts, record):
     """The last lines: where the output is, the counts, what was cut or invalid, the accuracy, the speed."""
     state.print(f"wrote {args['out']} ({counts['rows']} rows, {counts['sequences']} sequences) and "
-                f"{common.done_marker(args['out'])}")
+                f"{protocol.done_marker(args['out'])}")
     state.print("counts: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     if counts["truncated"] or counts["prompt_too_long"]:
         state.print(f"note: {counts['truncated']} sequences were cut to --max_length {args['max_length']} "
@@ -511,22 +458,22 @@ def main(
     state.print("02_score " + json.dumps(args), flush=True)
     mode, path = args["mode"], args[args["mode"]]
     inputs = {k: args[k] for k in ("policy", "reference", "responses", "pairs", "chat_template")}  # by content
-    with common.stage("02_score", args["out"], args, inputs=inputs, overwrite=args["overwrite"], ignore=SPEED_ONLY,
+    with protocol.stage("02_score", args["out"], args, inputs=inputs, overwrite=args["overwrite"], ignore=SPEED_ONLY,
                       main_process=state.is_main_process) as st:
         num_rows, num_seqs = check_input(path, args["split"], mode)
 
         # ---- the two models, which must read the same tokens (rendered with --chat_template when given)
-        tokenizer, ref_tokenizer = (common.load_tokenizer(args[who], args["trust_remote_code"], args["chat_template"])
+        tokenizer, ref_tokenizer = (models.load_tokenizer(args[who], args["trust_remote_code"], args["chat_template"])
                                     for who in ("policy", "reference"))
         check_same_tokenizer(tokenizer, ref_tokenizer, args["policy"], args["reference"])
-        models = [load_scorer(args[who], args["dtype"], state.device, args["trust_remote_code"])
+        models = [trl_internals.load_scorer(args[who], args["dtype"], state.device, args["trust_remote_code"])
                   for who in ("policy", "reference")]
         state.print(f"scoring {num_rows} rows ({num_seqs} sequences) of {path} with {state.num_processes} "
                     f"process(es) on {state.device}", flush=True)
 
         # ---- r(x, y) = log pi(y|x) - log pi_ref(y|x), chunk by chunk, written in input order by the main process
         counts, started = new_counts(mode), time.time()
-        with common.atomic_open(st.tmp) if state.is_main_process else contextlib.nullcontext() as f:
+        with protocol.atomic_open(st.tmp) if state.is_main_process else contextlib.nullcontext() as f:
             for chunk in chunks(path, args["split"], mode, args["chunk_rows"]):
                 rows = score_chunk(chunk, tokenizer, models, state, args, counts)
                 if f is not None:
@@ -540,4 +487,4 @@ def main(
 
 
 if __name__ == "__main__":
-    common.cli(main)
+    cli.run(main)

@@ -23,14 +23,14 @@ Exact rules, all decided here and tested in tests/test_build_pairs.py:
   - a pair is dropped when its chosen and rejected shaped rewards are equal (a tie: every usable response has the
     same shaped reward), else when its two texts are identical. Both are counted, at every alpha of the scan, and the
     scan's mean is over the pairs kept at that alpha (an alpha that keeps no pair counts as |mean| = infinity).
-  - duplicate prompts (same common.prompt_id) keep their first row; the others are counted and dropped.
+  - duplicate prompts (same data.prompt_id) keep their first row; the others are counted and dropped.
   - chosen_reward/rejected_reward are the unshaped implicit rewards r (02's `rewards`); ref_chosen_logps /
     ref_rejected_logps are 02's `policy_logps` of the two responses (the next round's reference model is this very
     policy, so stage 4 needs no reference forward); null when the scores file has no `policy_logps`, and null when
     02's `completion_starts` of the two differ (a token merged across the prompt/response boundary in one of them:
     TRL splits the pair at the earlier start, so stage 4 computes these itself; counted as n_pairs_split_mismatch).
   - replay sampling uses numpy.random.default_rng(--seed); the final rows (generated + offline) are shuffled with the
-    same generator, so the file order is random but reproducible. Offline prompts are compared by common.prompt_id.
+    same generator, so the file order is random but reproducible. Offline prompts are compared by data.prompt_id.
 
 Input (02_score.py --responses): scores.jsonl, one row per prompt: `prompt` (string or messages list), `responses` (K
 strings), `rewards` (K numbers, policy - reference), `valid` (K booleans), optional `policy_logps` (K numbers),
@@ -39,14 +39,14 @@ have K entries when present and are otherwise ignored.
 Offline input (--offline): a .jsonl/.json/.parquet file, a save_to_disk folder or a hub id (--split); rows `prompt`,
 `chosen`, `rejected` as strings (this project, the official DICE preference.json) or as TRL's conversational messages
 (or full conversations whose last turn is the answer, as HuggingFaceH4/ultrafeedback_binarized), normalized by
-common.read_pair; optionally 02_score.py --pairs' `policy_chosen_logps`, `policy_rejected_logps` (-> ref_chosen_logps,
+data.read_pair; optionally 02_score.py --pairs' `policy_chosen_logps`, `policy_rejected_logps` (-> ref_chosen_logps,
 ref_rejected_logps), `chosen_reward`, `rejected_reward`.
 Output, in --out_dir:
   pairs.jsonl   `prompt_id`, `prompt`, `chosen`, `rejected`, `chosen_reward`, `rejected_reward`, `source`
                 ("generated" or "offline"), `ref_chosen_logps`, `ref_rejected_logps`
   stats.json    alpha, the sweep, length gap before/after shaping, length and reward summaries, every count, seed, args
   alpha_sweep.png, reward_hist.png (chosen vs rejected), length_hist.png (before vs after shaping)
-  pairs.jsonl.done.json  common.stage's done marker (arguments, input fingerprints, alpha, counts); stats.json and the
+  pairs.jsonl.done.json  protocol.stage's done marker (arguments, input fingerprints, alpha, counts); stats.json and the
                 plots are written before pairs.jsonl is published (an --overwrite redo removes the old marker first:
                 a redo that dies midway leaves nothing that counts as finished). A rerun with the same arguments and
                 inputs is "done already"; other arguments or inputs are refused unless --overwrite.
@@ -72,8 +72,7 @@ from itertools import chain
 
 import numpy as np
 
-import common
-from common import DiceError
+from dice import DiceError, cli, data, protocol
 
 ALPHA_GRID = np.arange(1000) / 1000  # 0, 0.001, ..., 0.999: each value is i/1000 exactly rounded, never a running sum
 
@@ -84,25 +83,25 @@ def resolve_args(values):
     """fire's values -> the checked arguments, with alpha_mode (auto, fixed or off) and gamma's default."""
     if not values["scores"] or not values["out_dir"]:
         raise DiceError("--scores and --out_dir are required")
-    args = common.convert(values, {"scores": str, "out_dir": str, "offline": str, "split": str, "min_valid": (int, 2),
+    args = cli.legacy_convert(values, {"scores": str, "out_dir": str, "offline": str, "split": str, "min_valid": (int, 2),
                                    "length_control": bool, "seed": (int, 0), "plots": bool, "overwrite": bool})
     alpha = args["alpha"]
     if alpha == "auto":
         args["alpha_mode"] = "auto" if args["length_control"] else "off"
     else:
         try:
-            alpha = args["alpha"] = common.as_float("alpha", alpha, minimum=0.0)
+            alpha = args["alpha"] = cli.as_float("alpha", alpha, minimum=0.0)
         except DiceError:
             raise DiceError(f"--alpha must be auto or a number >= 0, got {alpha!r}") from None
         if not args["length_control"] and alpha != 0:
             raise DiceError(f"--alpha {alpha} contradicts --length_control false (which means alpha = 0)")
         args["alpha_mode"] = "fixed" if args["length_control"] else "off"
-    gamma = common.as_float("gamma", (0.5 if args["offline"] else 0.0) if args["gamma"] is None else args["gamma"], 0.0)
+    gamma = cli.as_float("gamma", (0.5 if args["offline"] else 0.0) if args["gamma"] is None else args["gamma"], 0.0)
     if gamma >= 1:
         raise DiceError(f"--gamma must be < 1 (the share of offline pairs), got {gamma}")
     if gamma > 0 and not args["offline"]:
         raise DiceError(f"--gamma {gamma} needs --offline (the offline preference pairs to replay)")
-    args["split"] = common.split_of(args["offline"], args["split"])
+    args["split"] = data.split_of(args["offline"], args["split"])
     order = ("scores", "out_dir", "offline", "split", "gamma", "min_valid", "alpha", "alpha_mode", "length_control",
              "seed", "plots", "overwrite")
     return {k: gamma if k == "gamma" else args[k] for k in order}
@@ -131,16 +130,16 @@ def _numbers(values, where):
 
 def read_scores(path):
     """Read 02's scores.jsonl -> one record per row, in file order, repeated prompts included (usable_prompts drops
-    them): prompt_id, key (common.prompt_id), prompt, responses, rewards and policy_logps (floats, NaN for null;
+    them): prompt_id, key (data.prompt_id), prompt, responses, rewards and policy_logps (floats, NaN for null;
     policy_logps None when absent), valid, completion_starts (None when absent). A bad row is a DiceError naming
     path:line."""
     records = []
-    for line, row in common.read_jsonl(path):
+    for line, row in data.read_jsonl(path):
         where = f"{path}:{line}"
         for field in ("prompt", "responses", "rewards", "valid"):
             if field not in row:
                 raise DiceError(f"{where}: missing field '{field}' (expected 02_score.py output)")
-        common.to_messages(row["prompt"], where)
+        data.to_messages(row["prompt"], where)
         responses = row["responses"]
         if not isinstance(responses, list) or not set(map(type, responses)) <= {str}:
             raise DiceError(f"{where}: 'responses' must be a list of strings")
@@ -155,7 +154,7 @@ def read_scores(path):
         logps, starts = row.get("policy_logps"), row.get("completion_starts")
         if starts is not None and not set(map(type, starts)) <= {int}:
             raise DiceError(f"{where}: 'completion_starts' must be a list of ints")
-        key = common.prompt_id(row["prompt"])
+        key = data.prompt_id(row["prompt"])
         records.append(dict(prompt_id=row.get("prompt_id", key), key=key, prompt=row["prompt"], responses=responses,
                             rewards=_numbers(row["rewards"], f"{where}: rewards"), valid=row["valid"],
                             policy_logps=None if logps is None else _numbers(logps, f"{where}: policy_logps"),
@@ -166,13 +165,13 @@ def read_scores(path):
 
 
 def read_offline(path, split="train"):
-    """Offline preference pairs as output rows, in any shape users hold them (common.read_rows: .jsonl, .json,
-    .parquet, a save_to_disk folder or a hub id with `split`; common.read_pair: strings, TRL's conversational
+    """Offline preference pairs as output rows, in any shape users hold them (data.read_rows: .jsonl, .json,
+    .parquet, a save_to_disk folder or a hub id with `split`; data.read_pair: strings, TRL's conversational
     messages or full conversations), with 02_score.py --pairs' optional `policy_chosen_logps`,
     `policy_rejected_logps` (-> ref_chosen_logps, ref_rejected_logps), `chosen_reward`, `rejected_reward`."""
     rows = []
-    for where, row in common.read_rows(path, split):
-        pair = common.read_pair(row, where)
+    for where, row in data.read_rows(path, split):
+        pair = data.read_pair(row, where)
         extra = {}
         for src, dst in (("policy_chosen_logps", "ref_chosen_logps"), ("policy_rejected_logps", "ref_rejected_logps"),
                          ("chosen_reward", "chosen_reward"), ("rejected_reward", "rejected_reward")):
@@ -180,7 +179,7 @@ def read_offline(path, split="train"):
             if value is not None and not math.isfinite(_number(value, f"{where}: {src}")):
                 raise DiceError(f"{where}: '{src}' is not finite ({value!r})")
             extra[dst] = None if value is None else float(value)
-        rows.append(dict(prompt_id=common.prompt_id(pair["prompt"]), prompt=pair["prompt"], chosen=pair["chosen"],
+        rows.append(dict(prompt_id=data.prompt_id(pair["prompt"]), prompt=pair["prompt"], chosen=pair["chosen"],
                          rejected=pair["rejected"], chosen_reward=extra["chosen_reward"],
                          rejected_reward=extra["rejected_reward"], source="offline",
                          ref_chosen_logps=extra["ref_chosen_logps"], ref_rejected_logps=extra["ref_rejected_logps"]))
@@ -377,7 +376,7 @@ def save_plots(out_dir, sweep, alpha, rewards, lengths_before, lengths_after):
     import matplotlib.pyplot as plt
 
     def save(fig, name):
-        with common.atomic_open(os.path.join(out_dir, name), "wb") as f:
+        with protocol.atomic_open(os.path.join(out_dir, name), "wb") as f:
             fig.savefig(f, format="png", dpi=100)
         plt.close(fig)
 
@@ -502,7 +501,7 @@ def main(
     print("03_build_pairs: " + ", ".join(f"{k}={v}" for k, v in args.items()))
     out, gamma, seed = os.path.join(args["out_dir"], "pairs.jsonl"), args["gamma"], args["seed"]
     inputs = {"scores": args["scores"], "offline": args["offline"] if gamma > 0 else None}
-    with common.stage("03_build_pairs", out, args, inputs=inputs, overwrite=args["overwrite"], seed=seed,
+    with protocol.stage("03_build_pairs", out, args, inputs=inputs, overwrite=args["overwrite"], seed=seed,
                       ignore=("out_dir", "offline")) as st, plot_process(args["plots"]) as draw:
         # read: K responses per prompt with their implicit rewards r(x, y); the offline pairs to replay
         records, table, counts = usable_prompts(read_scores(args["scores"]), args["min_valid"])
@@ -540,12 +539,12 @@ def main(
 
         # write stats.json (over all generated pairs, before replay) and pairs.jsonl, published once the plots are in
         stats = make_stats(args, alpha, sweep, table, picked, picked0, counts, time.time() - started)
-        common.write_json(os.path.join(args["out_dir"], "stats.json"), stats)
-        common.write_jsonl(st.tmp, rows)
+        protocol.write_json(os.path.join(args["out_dir"], "stats.json"), stats)
+        protocol.write_jsonl(st.tmp, rows)
         st.record.update(alpha=alpha, counts=counts)
     print_summary(args, stats, out)
 
 
 if __name__ == "__main__":
     gc.disable()  # almost no reference cycles are made here; the collector would walk the rows read (~6% of the run)
-    common.cli(main)
+    cli.run(main)

@@ -27,10 +27,10 @@ TRL's own precompute, once, before training, with the starting policy. With --re
 precomputed that way, and --reuse_ref_logps=False --precompute_ref_log_probs=False is TRL's default: a reference
 model held in memory and run at every step.
 
-Input  (--pairs, read by common.read_rows): a .jsonl file (errors name file:line), a .json file (a list of objects,
+Input  (--pairs, read by data.read_rows): a .jsonl file (errors name file:line), a .json file (a list of objects,
        or JSON lines as the official DICE preference.json), a .parquet file, a folder saved with datasets'
        save_to_disk, or a hub dataset id (--split picks the split of a folder or hub dataset). Each row is a pair in
-       any shape common.read_pair reads: `prompt`, `chosen`, `rejected` strings (03's pairs.jsonl); TRL's
+       any shape data.read_pair reads: `prompt`, `chosen`, `rejected` strings (03's pairs.jsonl); TRL's
        conversational format (prompt as messages, chosen/rejected as one assistant turn); or full conversations
        whose last turn is the answer (HuggingFaceH4/ultrafeedback_binarized). Optional `ref_chosen_logps`,
        `ref_rejected_logps` (floats or null) and `source` (generated/offline, counted in the model card); other
@@ -40,13 +40,13 @@ Prompt format: the tokenizer's own chat template, or --chat_template FILE (a jin
        file 01 and 02 got). The tokenizer carrying it is TRL's processing_class, so TRL renders and tokenizes prompts
        and responses with it, and it is saved into the output (chat_template.jinja), so later rounds, vLLM and the
        AlpacaEval generation render the same format. The file is an input of the stage (compared by content).
-Output (--out, a standard HF model folder, published whole by common.stage once complete):
+Output (--out, a standard HF model folder, published whole by protocol.stage once complete):
        model (safetensors), config, generation config, tokenizer (with its chat template); README.md (model card:
        base model, round, data and counts, DPO settings, held-out reward accuracy, how to load it, citations);
        trainer_state.json; metrics.jsonl (the trainer's log history, one entry a line); loss.png (train/eval loss,
        reward accuracy, reward margin); training_args.json (every DPOConfig field; no pickled training_args.bin);
        runs/ (with --report_to tensorboard: TensorBoard's event files, copied from OUT.work/runs/, which is
-       deleted; not when TENSORBOARD_LOGGING_DIR sends them elsewhere). OUT.done.json: common.stage's marker
+       deleted; not when TENSORBOARD_LOGGING_DIR sends them elsewhere). OUT.done.json: protocol.stage's marker
        (arguments, input fingerprints, seed, counts, reference log-probs supplied/computed, train_runtime, versions,
        seconds). A rerun with the same arguments and inputs is "done already"; other ones are refused unless
        --overwrite.
@@ -72,7 +72,6 @@ Full run (one 8-GPU node, DeepSpeed ZeRO-3, the paper's settings):
         --model runs/round1/model --pairs runs/round1/pairs/pairs.jsonl --out runs/round2/model
 """
 import contextlib
-import functools
 import json
 import math
 import os
@@ -80,12 +79,10 @@ import random
 import shutil
 import string
 import time
-from unittest import mock
 
-import common
-from common import DiceError
+from dice import DiceError, cli, data, models, protocol, trl_internals
 
-REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
+REF_COLUMNS = trl_internals.REF_COLUMNS
 # DPOConfig fields this script owns (passing them as extra options would fight with its own arguments), and the
 # --resume of earlier versions.
 RESERVED_OPTIONS = {
@@ -112,11 +109,11 @@ HUB_ARGS = ("push_to_hub", "hub_model_id", "hub_private_repo")  # where the outp
 # ----------------------------------------------------------------------------- input
 
 def read_pairs(source, split):
-    """The pairs of --pairs in any shape (common.read_rows, common.read_pair) as TRL conversational rows, with the
+    """The pairs of --pairs in any shape (data.read_rows, data.read_pair) as TRL conversational rows, with the
     supplied reference log-probs (or None), the row's `source` (generated/offline, or None) and where it was read."""
     rows = []
-    for where, row in common.read_rows(source, split):
-        pair = common.read_pair(row, where)
+    for where, row in data.read_rows(source, split):
+        pair = data.read_pair(row, where)
         ref = [row.get(key) for key in REF_COLUMNS]
         for key, value in zip(REF_COLUMNS, ref):
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
@@ -126,7 +123,7 @@ def read_pairs(source, split):
         if None in ref:  # one value without the other cannot be used: both get computed
             ref = [None, None]
         rows.append({
-            "prompt": common.to_messages(pair["prompt"], where),
+            "prompt": data.to_messages(pair["prompt"], where),
             "chosen": [{"role": "assistant", "content": pair["chosen"]}],
             "rejected": [{"role": "assistant", "content": pair["rejected"]}],
             REF_COLUMNS[0]: None if ref[0] is None else float(ref[0]),
@@ -180,36 +177,36 @@ def load_models(args, online_reference):
     """(tokenizer, policy, reference): pi_t is the policy and, frozen, the reference; the reference is loaded only for
     TRL's on-the-fly reference forward (otherwise its log-probs are supplied or precomputed with the policy)."""
     path, trust = args["model"], args["trust_remote_code"]
-    tokenizer = common.load_tokenizer(path, trust_remote_code=trust, chat_template=args["chat_template"])
+    tokenizer = models.load_tokenizer(path, trust_remote_code=trust, chat_template=args["chat_template"])
     if not tokenizer.chat_template:
         raise DiceError(f"{path}: the tokenizer has no chat template (pairs are trained as chat turns, as TRL does); "
                         "pass --chat_template FILE")
-    policy = common.load_model(path, trust_remote_code=trust)
-    return tokenizer, policy, common.load_model(path, trust_remote_code=trust) if online_reference else None
+    policy = models.load_model(path, trust_remote_code=trust)
+    return tokenizer, policy, models.load_model(path, trust_remote_code=trust) if online_reference else None
 
 
 # ----------------------------------------------------------------------------- DPOConfig
 
 def resolve_args(values):
-    """fire's values -> the checked arguments (one common.convert call), the extra DPOConfig fields kept as given
+    """fire's values -> the checked arguments (one cli.convert call), the extra DPOConfig fields kept as given
     under "options" (typed in the stage, see dpo_options, which imports TRL); bf16 stays "auto" or becomes a bool."""
     for name in values["options"]:
         if name in RESERVED_OPTIONS:
             raise DiceError(f"--{name} is not accepted: {RESERVED_OPTIONS[name]}")
-    args = {**common.convert({k: v for k, v in values.items() if k != "options"}, RULES), "options": values["options"]}
+    args = {**cli.legacy_convert({k: v for k, v in values.items() if k != "options"}, RULES), "options": values["options"]}
     if args["push_to_hub"] and not args["hub_model_id"]:
         raise DiceError("--push_to_hub needs --hub_model_id USER/NAME (the hub repo the published folder goes to)")
     if args["bf16"] != "auto":
-        args["bf16"] = common.as_bool("bf16", args["bf16"])
+        args["bf16"] = cli.as_bool("bf16", args["bf16"])
     if args["lr_scheduler_type"] == "constant" and args["warmup_steps"]:
         raise DiceError("--warmup_steps has no effect with --lr_scheduler_type constant (transformers ignores warmup "
                         "for it, as in the paper's runs): pass --warmup_steps 0, or --lr_scheduler_type "
                         "constant_with_warmup")
-    common.check_model_path(args["model"])
+    models.check_model_path(args["model"])
     args["chat_template"] = args["chat_template"] or None  # "" (run_rounds.sh's empty CHAT_TEMPLATE): the model's own
     if args["chat_template"]:
-        common.read_chat_template(args["chat_template"])  # a missing or broken file fails here, before any work
-    args["split"] = common.split_of(args["pairs"], args["split"])
+        models.read_chat_template(args["chat_template"])  # a missing or broken file fails here, before any work
+    args["split"] = data.split_of(args["pairs"], args["split"])
     return args
 
 
@@ -286,71 +283,6 @@ def dpo_config(args, rows, work, evaluate):
 
 # ----------------------------------------------------------------------------- the trainer
 
-def rows_needing_ref_logps(dataset, max_length):
-    """Indices of tokenized rows whose reference log-probs must be computed: no supplied value, or a sequence that
-    training truncates (the supplied value covers the whole response, the training loss only the kept part)."""
-    supplied = REF_COLUMNS[0] in dataset.column_names
-    chosen = dataset[REF_COLUMNS[0]] if supplied else [None] * len(dataset)
-    prompt, chosen_ids, rejected_ids = dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"]
-    return [
-        i for i in range(len(dataset))
-        if chosen[i] is None
-        or (max_length is not None and len(prompt[i]) + max(len(chosen_ids[i]), len(rejected_ids[i])) > max_length)
-    ]
-
-
-@functools.cache
-def dice_dpo_trainer():
-    """The DiceDPOTrainer class, built on first use: importing TRL takes seconds, and a finished rerun answers "done
-    already" without it. `module.DiceDPOTrainer` reaches it too (module __getattr__ below)."""
-    import trl.trainer.dpo_trainer as trl_dpo
-
-    class DiceDPOTrainer(trl_dpo.DPOTrainer):
-        """TRL 1.16's DPOTrainer, except that reference log-probs already in the dataset are used as they are.
-
-        TRL reads `ref_chosen_logps`/`ref_rejected_logps` from the batch only with precompute_ref_log_probs=True, and
-        its __init__ then recomputes every row with `_precompute_ref_logps` (which fails on the existing columns). This
-        subclass overrides that private method (TRL pinned to 1.16.0; tests/test_train_dpo.py checks the behaviour):
-        only rows that lack values, or that training truncates, go through TRL's precompute; the others keep theirs.
-        TRL's hash of every weight (its precompute cache key) is taken only when a precompute actually runs.
-        """
-
-        def __init__(self, *args, **kwargs):
-            self.ref_logps_counts = {}
-            with mock.patch.object(trl_dpo, "hash_module", lambda module: None):
-                super().__init__(*args, **kwargs)
-
-        def _precompute_ref_logps(self, dataset, name, batch_size):
-            if len(dataset) == 0:
-                raise DiceError(f"no {name} pair is left: TRL drops pairs whose prompt alone is >= max_length tokens")
-            todo = rows_needing_ref_logps(dataset, self.args.max_length)
-            self.ref_logps_counts[name] = {"supplied": len(dataset) - len(todo), "computed": len(todo)}
-            if not todo:
-                return dataset
-            if self._precompute_model_hash is None:  # the reference is the untrained policy itself
-                self._precompute_model_hash = trl_dpo.hash_module(self.model)
-            present = [c for c in REF_COLUMNS if c in dataset.column_names]
-            if len(todo) == len(dataset):
-                return super()._precompute_ref_logps(dataset.remove_columns(present), name, batch_size)
-            computed = super()._precompute_ref_logps(dataset.select(todo).remove_columns(present), name, batch_size)
-            values = {c: list(dataset[c]) for c in REF_COLUMNS}
-            for c in REF_COLUMNS:  # positions within this very dataset: select() keeps the order of `todo`
-                for j, i in enumerate(todo):
-                    values[c][i] = computed[c][j]
-            dataset = dataset.remove_columns(present)
-            for c in REF_COLUMNS:
-                dataset = dataset.add_column(c, values[c])
-            return dataset
-
-    return DiceDPOTrainer
-
-
-def __getattr__(name):
-    if name == "DiceDPOTrainer":
-        return dice_dpo_trainer()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def preparation(trainer, n_pairs, n_train, n_eval, started):
     """What the trainer made of the pairs, for the record: pairs read, held out, dropped by TRL (prompt alone >=
     max_length) and truncated per split; where the reference log-probs come from; whether a reference model is held;
@@ -405,13 +337,13 @@ def plot_metrics(log_history, path):
         ax.set_xlabel("step")
         ax.legend()
     fig.tight_layout()
-    with common.atomic_open(path, "wb") as f:
+    with protocol.atomic_open(path, "wb") as f:
         fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
 
 
 def save_model_folder(trainer, folder, card):
-    """The complete model folder in `folder` (common.stage renames it onto --out): what save_model writes (weights as
+    """The complete model folder in `folder` (protocol.stage renames it onto --out): what save_model writes (weights as
     safetensors, config, generation config, tokenizer with its chat template; every process takes part, ZeRO-3
     gathers the weights), then, on the main process, training_args.json in place of the pickled training_args.bin,
     trainer_state.json, metrics.jsonl, loss.png, the model card README.md, and TensorBoard's event files (runs/,
@@ -422,11 +354,11 @@ def save_model_folder(trainer, folder, card):
         pickled = os.path.join(folder, "training_args.bin")
         if os.path.exists(pickled):
             os.remove(pickled)
-        common.write_json(os.path.join(folder, "training_args.json"), trainer.args.to_dict())
+        protocol.write_json(os.path.join(folder, "training_args.json"), trainer.args.to_dict())
         trainer.state.save_to_json(os.path.join(folder, "trainer_state.json"))
-        common.write_jsonl(os.path.join(folder, "metrics.jsonl"), trainer.state.log_history)
+        protocol.write_jsonl(os.path.join(folder, "metrics.jsonl"), trainer.state.log_history)
         plot_metrics(trainer.state.log_history, os.path.join(folder, "loss.png"))
-        with common.atomic_open(os.path.join(folder, "README.md")) as f:
+        with protocol.atomic_open(os.path.join(folder, "README.md")) as f:
             f.write(card)
         runs = os.path.join(trainer.args.output_dir, "runs")  # transformers' TensorBoard default: OUTPUT_DIR/runs/
         if os.path.isdir(runs):
@@ -570,10 +502,10 @@ def model_card(args, trainer, record, rows):
 @contextlib.contextmanager
 def push_when_done_already(args, main_process):
     """A rerun of a finished output with --push_to_hub still uploads it (e.g. after a failed upload), then answers
-    "done already" (common.AlreadyDone, raised by common.stage)."""
+    "done already" (protocol.AlreadyDone, raised by protocol.stage)."""
     try:
         yield
-    except common.AlreadyDone:
+    except protocol.AlreadyDone:
         if args["push_to_hub"] and main_process:
             upload_to_hub(args, args["out"])
         raise
@@ -658,7 +590,7 @@ def main(model: str, pairs: str, out: str, split: str = "train", chat_template: 
     train_rows, eval_rows = split_eval(rows, args["eval_size"], args["seed"])
     # The launcher's RANK names the process that locks and writes: known without importing torch (done already in ~1 s)
     main_process, inputs = os.environ.get("RANK", "0") == "0", {k: args[k] for k in ("model", "pairs", "chat_template")}
-    with push_when_done_already(args, main_process), common.stage(
+    with push_when_done_already(args, main_process), protocol.stage(
             "04_train_dpo", args["out"], args, inputs=inputs, overwrite=args["overwrite"], seed=args["seed"],
             ignore=("keep_checkpoints", *HUB_ARGS), main_process=main_process) as st:
         work = st.out + ".work"
@@ -679,7 +611,7 @@ def main(model: str, pairs: str, out: str, split: str = "train", chat_template: 
 
         #### training: the DPO loss above, on TRL's DPOTrainer
         t0 = time.time()
-        trainer = dice_dpo_trainer()(model=policy, ref_model=reference, args=config, train_dataset=train_dataset,
+        trainer = trl_internals.dice_dpo_trainer()(model=policy, ref_model=reference, args=config, train_dataset=train_dataset,
                                      eval_dataset=eval_dataset, processing_class=tokenizer)
         st.record.update(preparation(trainer, len(rows), len(train_rows), len(eval_rows), t0))
         state.print(f"resuming from {checkpoint}" if checkpoint else f"starting at step 0 (checkpoints in {work})")
@@ -697,4 +629,4 @@ def main(model: str, pairs: str, out: str, split: str = "train", chat_template: 
 
 
 if __name__ == "__main__":
-    common.cli(main)
+    cli.run(main)

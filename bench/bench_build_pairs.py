@@ -41,9 +41,14 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import common  # noqa: E402
+from dice import (  # noqa: E402
+    DiceError,  # noqa: E402
+    cli,
+    data,
+    protocol,
+)
 
-bp = common.load_script("03_build_pairs")
+bp = cli.load_script("03_build_pairs")
 
 
 # ----------------------------------------------------------------------------- synthetic input
@@ -60,7 +65,7 @@ def synthetic(n_prompts, k, seed):
     for p in range(n_prompts):
         prompt = f"Synthetic instruction number {p}: write something."
         responses = [f"{p}.{j} " + base[offsets[p, j]:offsets[p, j] + lengths[p, j]] for j in range(k)]
-        records.append(dict(prompt_id=common.prompt_id(prompt), key=common.prompt_id(prompt), prompt=prompt,
+        records.append(dict(prompt_id=data.prompt_id(prompt), key=data.prompt_id(prompt), prompt=prompt,
                             responses=responses, rewards=rewards[p].tolist(), valid=valid[p].tolist(),
                             policy_logps=(-lengths[p] / 3.0).tolist(), completion_starts=None))
     return records
@@ -68,7 +73,7 @@ def synthetic(n_prompts, k, seed):
 
 def save_scores(records, path):
     """Our input: 02_score.py's scores.jsonl."""
-    common.write_jsonl(path, (dict(prompt_id=r["prompt_id"], prompt=r["prompt"], responses=r["responses"],
+    protocol.write_jsonl(path, (dict(prompt_id=r["prompt_id"], prompt=r["prompt"], responses=r["responses"],
                                    rewards=r["rewards"], valid=r["valid"], policy_logps=r["policy_logps"])
                               for r in records))
 
@@ -76,7 +81,7 @@ def save_scores(records, path):
 def save_official_scores(records, folder):
     """The official input: one JSONL per sample index j with prompt, response, score (null = invalid)."""
     for j in range(len(records[0]["responses"])):
-        common.write_jsonl(os.path.join(folder, f"score_{j:02d}.jsonl"), (
+        protocol.write_jsonl(os.path.join(folder, f"score_{j:02d}.jsonl"), (
             dict(prompt=r["prompt"], response=r["responses"][j], score=r["rewards"][j] if r["valid"][j] else None)
             for r in records))
 
@@ -199,13 +204,13 @@ def timed(cmd):
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     seconds = time.perf_counter() - t
     if proc.returncode != 0:
-        raise common.DiceError(f"{' '.join(cmd)} failed: {proc.stderr.strip()[-2000:]}")
+        raise DiceError(f"{' '.join(cmd)} failed: {proc.stderr.strip()[-2000:]}")
     return seconds
 
 
 def pairs_in(path):
     """{prompt: (chosen, rejected)} of a JSONL of pairs (ours or the official one)."""
-    return {row["prompt"]: (row["chosen"], row["rejected"]) for _, row in common.read_jsonl(path)}
+    return {row["prompt"]: (row["chosen"], row["rejected"]) for _, row in data.read_jsonl(path)}
 
 
 def whole_processes(records, min_valid, repeats, official_repeats, tmp):
@@ -264,7 +269,7 @@ def main(
         official_run: internal: run the official approach as a process on this folder of per-sample score files.
         official_out: internal: the folder that official run writes into.
     """
-    a = common.convert(locals(), {"prompts": (int, 2), "k": (int, 2), "min_valid": (int, 2), "seed": (int, 0),
+    a = cli.legacy_convert(locals(), {"prompts": (int, 2), "k": (int, 2), "min_valid": (int, 2), "seed": (int, 0),
                                   "repeats": (int, 1), "official_repeats": (int, 1), "whole_process": bool})
     if a["official_run"]:
         return official_process(a["official_run"], a["official_out"], a["min_valid"])
@@ -283,7 +288,7 @@ def main(
             times, ours_pairs, official_pairs = whole_processes(records, a["min_valid"], a["repeats"],
                                                                 a["official_repeats"], tmp)
         if ours_pairs != official_pairs:
-            raise common.DiceError("the pairs files of ours and the official approach differ")
+            raise DiceError("the pairs files of ours and the official approach differ")
         print(f"whole process: ours {', '.join(f'{t:.2f}' for t in times['ours'])} s; official "
               f"{', '.join(f'{t:.2f}' for t in times['official'])} s; same {len(ours_pairs)} pairs in the files: yes")
         rows.append(("whole process: `python 03_build_pairs.py` with its defaults (plots included) vs the official "
@@ -301,9 +306,9 @@ def main(
             off_alpha, off_steps, off_pairs = official(frames, a["min_valid"])
             times["official"].append(time.perf_counter() - t)
     if not (math.isclose(alpha, off_alpha, abs_tol=1e-12) and steps == off_steps and pairs == off_pairs):
-        raise common.DiceError("ours and the official approach disagree in memory (alpha, scan steps or pairs)")
+        raise DiceError("ours and the official approach disagree in memory (alpha, scan steps or pairs)")
     if a["whole_process"] and pairs != ours_pairs:
-        raise common.DiceError("03_build_pairs.py wrote other pairs than its core returns")
+        raise DiceError("03_build_pairs.py wrote other pairs than its core returns")
     print(f"core only: ours {', '.join(f'{t:.3f}' for t in times['ours'])} s; official "
           f"{', '.join(f'{t:.2f}' for t in times['official'])} s; alpha {alpha:g} after {steps} scan steps on both "
           f"sides, same (chosen, rejected) for all {len(pairs)} prompts: yes")
@@ -322,4 +327,4 @@ def main(
 
 
 if __name__ == "__main__":
-    common.cli(main)
+    cli.run(main)

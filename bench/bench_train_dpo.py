@@ -67,7 +67,7 @@ def run(name, model, pairs, out, steps, batch, extra):
     wall = time.time() - t0
     if os.waitstatus_to_exitcode(status) != 0:
         sys.exit(f"{name} run failed:\n{log[-3000:]}")
-    with open(out + ".done.json", encoding="utf-8") as f:  # common.stage's done marker: 04's record
+    with open(out + ".done.json", encoding="utf-8") as f:  # protocol.stage's done marker: 04's record
         record = json.load(f)
     return {"name": name, "train_runtime": record["train_runtime"], "prepare": record["prepare_seconds"],
             "wall": wall, "peak_rss_mib": usage.ru_maxrss / 1024, "reference": record["reference_logps"],

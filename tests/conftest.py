@@ -9,9 +9,9 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(os.path.dirname(ROOT), "shared", "data")
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tools")]
-import common  # noqa: E402
+from dice import cli  # noqa: E402
 
-load_script = common.load_script  # tests import it from here
+load_script = cli.load_script  # tests import it from here
 
 
 def run_script(args, check=True, env=None, cwd=ROOT, timeout=600):

@@ -7,8 +7,8 @@ import random
 
 import pytest
 
-import common
 from conftest import load_script, run_script
+from dice import DiceError, data, protocol
 
 bp = load_script("03_build_pairs")
 
@@ -19,7 +19,7 @@ def srow(prompt, responses, rewards, valid=None, logps=None, **extra):
     """One scores.jsonl row as 02_score.py writes it."""
     k = len(responses)
     logps = [-float(len(t)) for t in responses] if logps is None else logps
-    return dict(prompt_id=common.prompt_id(prompt), prompt=prompt, responses=responses, finish_reasons=["stop"] * k,
+    return dict(prompt_id=data.prompt_id(prompt), prompt=prompt, responses=responses, finish_reasons=["stop"] * k,
                 num_tokens=[len(t) for t in responses], generator="test", policy_logps=logps,
                 reference_logps=[0.0] * k, rewards=rewards, valid=[True] * k if valid is None else valid, **extra)
 
@@ -135,7 +135,7 @@ def test_argmax_is_chosen_argmin_is_rejected(tmp_path):
     assert (pairs[0]["chosen_reward"], pairs[0]["rejected_reward"]) == (0.5, -0.3)
     # the scoring policy's log-probs of those two responses become the next round's reference log-probs
     assert (pairs[0]["ref_chosen_logps"], pairs[0]["ref_rejected_logps"]) == (-2.0, -2.0)
-    assert pairs[0]["source"] == "generated" and pairs[0]["prompt_id"] == common.prompt_id("p")
+    assert pairs[0]["source"] == "generated" and pairs[0]["prompt_id"] == data.prompt_id("p")
     assert stats["alpha"] == 0.0 and stats["alpha_mode"] == "off"
 
 
@@ -336,7 +336,7 @@ def test_replay_takes_offline_pairs_only_from_other_prompts(tmp_path):
         assert (p["chosen"], p["rejected"]) == (f"good {i}", f"bad {i}")
         assert (p["ref_chosen_logps"], p["ref_rejected_logps"], p["chosen_reward"], p["rejected_reward"]) == \
             (-1.5 - i, -2.5, 0.3, 0.1)
-        assert p["prompt_id"] == common.prompt_id(p["prompt"])
+        assert p["prompt_id"] == data.prompt_id(p["prompt"])
 
 
 def test_replay_offline_without_02_fields_gets_nulls(tmp_path):
@@ -357,7 +357,7 @@ def test_message_list_prompts_are_compared_by_prompt_id(tmp_path):
         pairs, _ = build(tmp_path, gen, min_valid=2, alpha=0, offline=write(tmp_path / "off.jsonl", off), seed=seed)
         want = [chat, "other", "x", "y"]
         assert sorted(json.dumps(p["prompt"]) for p in pairs) == sorted(json.dumps(p) for p in want)
-        assert {p["prompt_id"] for p in pairs if p["prompt"] == chat} == {common.prompt_id(chat)}
+        assert {p["prompt_id"] for p in pairs if p["prompt"] == chat} == {data.prompt_id(chat)}
 
 
 def test_gamma_zero_means_generated_only(tmp_path):
@@ -375,7 +375,7 @@ def test_gamma_zero_means_generated_only(tmp_path):
 def test_gamma_errors(tmp_path, gamma, offline, message):
     scores = write(tmp_path / "s.jsonl", [srow("q", ["a", "bb"], [1.0, 0.0])])
     off = write(tmp_path / "off.jsonl", [dict(prompt="o", chosen="c", rejected="r")]) if offline else None
-    with pytest.raises(common.DiceError, match=message):
+    with pytest.raises(DiceError, match=message):
         bp.main(scores=scores, out_dir=str(tmp_path / "out"), offline=off, gamma=gamma, min_valid=2)
     assert not os.path.exists(tmp_path / "out")  # checked before anything is made
 
@@ -388,15 +388,15 @@ def test_too_few_offline_pairs_is_an_error(tmp_path):
     assert len(pairs) == 8
     # one generated prompt q0 and 8 offline pairs all on q0: n_gen = 1, n_off = 1, none qualifies
     off_same = write(tmp_path / "off2.jsonl", [dict(prompt="q0", chosen="c", rejected="r")] * 8)
-    with pytest.raises(common.DiceError, match="too few offline pairs"):
+    with pytest.raises(DiceError, match="too few offline pairs"):
         bp.main(scores=write(tmp_path / "s.jsonl", [srow("q0", ["a", "bb"], [1.0, 0.0])]), out_dir=str(tmp_path / "o2"),
                 offline=off_same, gamma=0.5, min_valid=2, alpha=0)
-    assert os.listdir(tmp_path / "o2") == []  # the folder common.stage made for its lock, left empty
+    assert os.listdir(tmp_path / "o2") == []  # the folder protocol.stage made for its lock, left empty
 
 
 def test_replay_keeping_no_generated_pair_is_an_error(tmp_path):
     off = write(tmp_path / "off.jsonl", [dict(prompt="o", chosen="c", rejected="r")])
-    with pytest.raises(common.DiceError, match="keeps no generated pair"):
+    with pytest.raises(DiceError, match="keeps no generated pair"):
         bp.main(scores=write(tmp_path / "s.jsonl", [srow("q", ["a", "bb"], [1.0, 0.0])]), out_dir=str(tmp_path / "o"),
                 offline=off, gamma=0.5, min_valid=2)
 
@@ -435,9 +435,9 @@ def test_same_seed_same_output_other_seed_other_selection(tmp_path):
 ])
 def test_bad_scores_rows_are_one_line_errors(tmp_path, lines, message):
     scores = write(tmp_path / "s.jsonl", lines)
-    with pytest.raises(common.DiceError, match=message):
+    with pytest.raises(DiceError, match=message):
         bp.main(scores=scores, out_dir=str(tmp_path / "out"), min_valid=2)
-    assert os.listdir(tmp_path / "out") == []  # the folder common.stage made for its lock, left empty
+    assert os.listdir(tmp_path / "out") == []  # the folder protocol.stage made for its lock, left empty
 
 
 def test_bad_offline_rows_are_errors(tmp_path):
@@ -445,16 +445,16 @@ def test_bad_offline_rows_are_errors(tmp_path):
     for rows, message in [([dict(prompt="o", chosen="c")], "off.jsonl:1: missing field 'rejected'"),
                           ([dict(prompt="o", chosen="c", rejected=3)], "'rejected' must be a string"),
                           ([dict(prompt="o", chosen="c", rejected="r", policy_chosen_logps=math.nan)], "not finite")]:
-        with pytest.raises(common.DiceError, match=message):
+        with pytest.raises(DiceError, match=message):
             bp.main(scores=scores, out_dir=str(tmp_path / "out"), offline=write(tmp_path / "off.jsonl", rows),
                     min_valid=2)
 
 
 def test_empty_result_is_an_error_and_writes_nothing(tmp_path):
     rows = [srow("p", ["a", "b", "c", "d"], [1.0, 0.0, 0.5, 0.2])]
-    with pytest.raises(common.DiceError, match="no pairs left: 1 prompts, 1 with fewer than --min_valid 8 .*K = 4"):
+    with pytest.raises(DiceError, match="no pairs left: 1 prompts, 1 with fewer than --min_valid 8 .*K = 4"):
         bp.main(scores=write(tmp_path / "s.jsonl", rows), out_dir=str(tmp_path / "out"))
-    with pytest.raises(common.DiceError, match="1 ties"):
+    with pytest.raises(DiceError, match="1 ties"):
         bp.main(scores=write(tmp_path / "s.jsonl", [srow("p", ["a", "b"], [1.0, 1.0])]), out_dir=str(tmp_path / "out"),
                 min_valid=2)
     assert os.listdir(tmp_path / "out") == []
@@ -468,7 +468,7 @@ def test_empty_result_is_an_error_and_writes_nothing(tmp_path):
 ])
 def test_bad_arguments(tmp_path, kw, message):
     scores = write(tmp_path / "s.jsonl", [srow("p", ["a", "b"], [1.0, 0.0])])
-    with pytest.raises(common.DiceError, match=message):
+    with pytest.raises(DiceError, match=message):
         bp.main(scores=scores, out_dir=str(tmp_path / "out"), **kw)
 
 
@@ -541,7 +541,7 @@ def test_cli_rerun_is_done_already_changes_are_refused_overwrite_redoes(tmp_path
     assert json.load(open(out / "stats.json"))["seed"] == 8 and not unchanged()
     marker = json.load(open(out / "pairs.jsonl.done.json"))
     assert marker["args"]["seed"] == 8 and marker["counts"]["n_offline_in"] == 41
-    assert marker["output"]["fingerprint"] == common.fingerprint(str(out / "pairs.jsonl"))
+    assert marker["output"]["fingerprint"] == protocol.fingerprint(str(out / "pairs.jsonl"))
 
 
 def test_an_overwrite_that_dies_midway_leaves_nothing_that_counts_as_finished(tmp_path, monkeypatch):
@@ -557,18 +557,18 @@ def test_an_overwrite_that_dies_midway_leaves_nothing_that_counts_as_finished(tm
     def killed(path, rows):
         raise KeyboardInterrupt  # as a kill between stats.json and the new pairs.jsonl
 
-    monkeypatch.setattr(bp.common, "write_jsonl", killed)
+    monkeypatch.setattr(bp.protocol, "write_jsonl", killed)
     with pytest.raises(KeyboardInterrupt):
         bp.main(scores=scores, out_dir=str(out), min_valid=3, seed=8, plots=False, overwrite=True)
     monkeypatch.undo()
     assert json.load(open(out / "stats.json"))["seed"] == 8 and (out / "pairs.jsonl").read_bytes() == old_pairs
     assert not os.path.exists(marker)  # the old pairs no longer count as finished
-    with pytest.raises(common.DiceError, match="is not a finished output of this stage"):
+    with pytest.raises(DiceError, match="is not a finished output of this stage"):
         bp.main(scores=scores, out_dir=str(out), min_valid=3, seed=7, plots=False)
     bp.main(scores=scores, out_dir=str(out), min_valid=3, seed=8, plots=False, overwrite=True)
-    assert json.load(open(marker))["output"]["fingerprint"] == common.fingerprint(str(out / "pairs.jsonl"))
+    assert json.load(open(marker))["output"]["fingerprint"] == protocol.fingerprint(str(out / "pairs.jsonl"))
     # bad input with --overwrite is refused before anything beside the output changes: the marker stays
-    with pytest.raises(common.DiceError):
+    with pytest.raises(DiceError):
         bp.main(scores=write(tmp_path / "bad.jsonl", ["{"]), out_dir=str(out), min_valid=3, seed=8, plots=False,
                 overwrite=True)
     assert json.load(open(marker))["args"]["seed"] == 8
@@ -582,7 +582,7 @@ def test_a_failing_plot_process_publishes_nothing(tmp_path, monkeypatch, where):
     # the plot process is forked: it runs the patched function, failing while drawing or before it reads the job
     monkeypatch.setattr(bp, where, broken)
     scores = write(tmp_path / "s.jsonl", scan_case())
-    with pytest.raises(common.DiceError, match="the plot process failed"):
+    with pytest.raises(DiceError, match="the plot process failed"):
         bp.main(scores=scores, out_dir=str(tmp_path / "out"), min_valid=2)
     assert not {"pairs.jsonl", "pairs.jsonl.done.json"} & set(os.listdir(tmp_path / "out"))
 
@@ -643,7 +643,7 @@ def test_offline_pairs_in_every_shape_users_hold_give_the_same_pairs(tmp_path):
     assert len(set(outputs.values())) == 1, {k: v[:200] for k, v in outputs.items()}
     offline = [json.loads(line) for line in outputs["jsonl"].splitlines() if '"offline"' in line]
     assert offline and all(p["prompt"].startswith("off ") and p["chosen"].startswith("good ") for p in offline)
-    with pytest.raises(common.DiceError, match=r"full.parquet: row 0: 'chosen' must be a string or messages"):
+    with pytest.raises(DiceError, match=r"full.parquet: row 0: 'chosen' must be a string or messages"):
         broken = [{**full[0], "chosen": user("x")}]
         datasets.Dataset.from_list(broken).to_parquet(str(tmp_path / "full.parquet"))
         bp.main(scores=scores, out_dir=str(tmp_path / "bad"), offline=str(tmp_path / "full.parquet"), gamma=0.5,

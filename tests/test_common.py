@@ -1,4 +1,4 @@
-"""common.stage, the one protocol of every stage: done already, refused, locked, resumed, published atomically."""
+"""protocol.stage, the one protocol of every stage: done already, refused, locked, resumed, published atomically."""
 import json
 import os
 import subprocess
@@ -7,15 +7,15 @@ import time
 
 import pytest
 
-import common
-from common import AlreadyDone, DiceError
 from conftest import ROOT
+from dice import DiceError, cli, data, models, protocol
+from dice.protocol import AlreadyDone
 
 
 def run(out, args, inputs=None, overwrite=False, text="result", work=None):
     """A stage whose body writes `text` to st.tmp; returns what st.work said when `work` is given."""
     resumed = None
-    with common.stage("test", out, args, inputs=inputs, overwrite=overwrite, seed=args.get("seed")) as st:
+    with protocol.stage("test", out, args, inputs=inputs, overwrite=overwrite, seed=args.get("seed")) as st:
         if work is not None:
             resumed = st.work(work)
         st.record["counts"] = {"n": len(text)}
@@ -30,8 +30,8 @@ def test_finished_output_with_same_arguments_and_inputs_is_done_already(tmp_path
     run(out, {"seed": 1, "input": str(src)}, inputs={"input": str(src)})
     marker = json.load(open(out + ".done.json"))
     assert marker["stage"] == "test" and marker["seed"] == 1 and marker["counts"] == {"n": 6}
-    assert marker["inputs"]["input"]["fingerprint"] == common.fingerprint(str(src))
-    assert marker["output"]["fingerprint"] == common.fingerprint(out)
+    assert marker["inputs"]["input"]["fingerprint"] == protocol.fingerprint(str(src))
+    assert marker["output"]["fingerprint"] == protocol.fingerprint(out)
     assert {"args", "versions", "seconds"} <= set(marker)
     with pytest.raises(AlreadyDone, match="done already"):
         run(out, {"seed": 1, "input": str(src)}, inputs={"input": str(src)}, text="other")
@@ -58,7 +58,7 @@ def test_changed_arguments_or_inputs_are_refused_unless_overwrite(tmp_path):
     assert open(out).read() == "result"
     run(out, {"seed": 1, "input": str(src)}, inputs={"input": str(src)}, overwrite=True, text="new")
     assert open(out).read() == "new"
-    assert json.load(open(out + ".done.json"))["output"]["fingerprint"] == common.fingerprint(out)
+    assert json.load(open(out + ".done.json"))["output"]["fingerprint"] == protocol.fingerprint(out)
 
 
 def test_an_output_without_its_marker_is_not_replaced_silently(tmp_path):
@@ -77,7 +77,7 @@ def test_an_output_without_its_marker_is_not_replaced_silently(tmp_path):
 def test_a_failing_body_publishes_nothing_and_a_killed_runs_tmp_is_rebuilt(tmp_path):
     out = str(tmp_path / "out.txt")
     with pytest.raises(RuntimeError):
-        with common.stage("test", out, {}) as st:
+        with protocol.stage("test", out, {}) as st:
             open(st.tmp, "w").write("half")
             raise RuntimeError("boom")
     assert not os.path.exists(out) and not os.path.exists(out + ".done.json") and not os.path.exists(out + ".lock")
@@ -90,7 +90,7 @@ def test_a_failing_body_publishes_nothing_and_a_killed_runs_tmp_is_rebuilt(tmp_p
 def test_folder_outputs_are_published_and_replaced_whole(tmp_path):
     out = str(tmp_path / "model")
     for n in (1, 2):
-        with common.stage("test", out, {"n": n}, overwrite=True) as st:
+        with protocol.stage("test", out, {"n": n}, overwrite=True) as st:
             os.makedirs(st.tmp)
             open(os.path.join(st.tmp, f"file{n}"), "w").write("x")
     assert os.listdir(out) == ["file2"] and not os.path.exists(out + ".old")
@@ -99,10 +99,10 @@ def test_folder_outputs_are_published_and_replaced_whole(tmp_path):
 def test_fingerprints_of_files_folders_and_hub_ids(tmp_path):
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "config.json").write_text("{}")
-    first = common.fingerprint(str(tmp_path / "d"))
+    first = protocol.fingerprint(str(tmp_path / "d"))
     (tmp_path / "d" / "config.json").write_text('{"a": 1}')
-    assert common.fingerprint(str(tmp_path / "d")) != first
-    assert common.fingerprint("org/model") == common.fingerprint("org/model") != common.fingerprint("org/other")
+    assert protocol.fingerprint(str(tmp_path / "d")) != first
+    assert protocol.fingerprint("org/model") == protocol.fingerprint("org/model") != protocol.fingerprint("org/other")
 
 
 def test_resumable_work_is_kept_for_the_same_settings_only(tmp_path):
@@ -110,7 +110,7 @@ def test_resumable_work_is_kept_for_the_same_settings_only(tmp_path):
 
     def start(args, overwrite=False):
         with pytest.raises(KeyboardInterrupt):  # a run stopped half way leaves its work behind
-            with common.stage("test", out, args, overwrite=overwrite) as st:
+            with protocol.stage("test", out, args, overwrite=overwrite) as st:
                 resumed = st.work(work)
                 open(work, "a").write("row\n")
                 raise KeyboardInterrupt(resumed)
@@ -122,15 +122,15 @@ def test_resumable_work_is_kept_for_the_same_settings_only(tmp_path):
     out2 = str(tmp_path / "b.txt")
     work2 = out2 + ".partial"
     with pytest.raises(KeyboardInterrupt):
-        with common.stage("test", out2, {"k": 1}) as st:
+        with protocol.stage("test", out2, {"k": 1}) as st:
             st.work(work2)
             open(work2, "w").write("row\n")
             raise KeyboardInterrupt
     with pytest.raises(DiceError, match=r"holds an unfinished run with other settings \(k: 1 -> 2\).*--overwrite"):
-        with common.stage("test", out2, {"k": 2}) as st:
+        with protocol.stage("test", out2, {"k": 2}) as st:
             st.work(work2)
     assert open(work2).read() == "row\n"
-    with common.stage("test", out2, {"k": 2}, overwrite=True) as st:
+    with protocol.stage("test", out2, {"k": 2}, overwrite=True) as st:
         assert st.work(work2) is False and not os.path.exists(work2)
         open(st.tmp, "w").write("done")
 
@@ -138,8 +138,8 @@ def test_resumable_work_is_kept_for_the_same_settings_only(tmp_path):
 def test_an_output_being_written_is_refused_naming_the_writer(tmp_path):
     out = str(tmp_path / "out.txt")
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time, common\n"
-         f"with common.stage('test', {out!r}, {{}}) as st:\n"
+        [sys.executable, "-c", "import sys, time\nfrom dice import protocol\n"
+         f"with protocol.stage('test', {out!r}, {{}}) as st:\n"
          "    print('holding', flush=True); time.sleep(60)\n"],
         cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
@@ -155,31 +155,31 @@ def test_an_output_being_written_is_refused_naming_the_writer(tmp_path):
 
 
 def test_convert_checks_and_converts_in_one_call():
-    got = common.convert({"n": "3", "p": 0.5, "b": "true", "c": "hf", "ids": "1,2", "s": 5, "none": None},
+    got = cli.legacy_convert({"n": "3", "p": 0.5, "b": "true", "c": "hf", "ids": "1,2", "s": 5, "none": None},
                          {"n": (int, 1), "p": (float, 0.0, 1.0), "b": bool, "c": ("hf", "vllm"), "ids": list,
                           "s": str, "none": (int, 1)})
     assert got == {"n": 3, "p": 0.5, "b": True, "c": "hf", "ids": [1, 2], "s": "5", "none": None}
     with pytest.raises(DiceError, match="--n must be >= 1, got 0"):
-        common.convert({"n": 0}, {"n": (int, 1)})
+        cli.legacy_convert({"n": 0}, {"n": (int, 1)})
     with pytest.raises(DiceError, match="--c must be one of hf, vllm; got 'x'"):
-        common.convert({"c": "x"}, {"c": ("hf", "vllm")})
+        cli.legacy_convert({"c": "x"}, {"c": ("hf", "vllm")})
 
 
 def test_chat_template_file_replaces_the_tokenizers_own_and_warns_on_unknown_specials(tiny_policy, tmp_path, capsys):
     template = tmp_path / "t.jinja"
     template.write_text("{% for m in messages %}<|user|>{{ m['content'] }}<|im_end|>{% endfor %}"
                         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-    tok = common.load_tokenizer(tiny_policy, chat_template=str(template))
+    tok = models.load_tokenizer(tiny_policy, chat_template=str(template))
     assert tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
                                    tokenize=False) == "<|user|>hi<|im_end|><|assistant|>"
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "names <|user|>, <|assistant|>, which the tokenizer" in err  # <|im_end|> is known
-    assert common.load_tokenizer(tiny_policy).chat_template != tok.chat_template
+    assert models.load_tokenizer(tiny_policy).chat_template != tok.chat_template
     template.write_text("{% if %}")
     with pytest.raises(DiceError, match=r"t.jinja:1: bad chat template"):
-        common.load_tokenizer(tiny_policy, chat_template=str(template))
+        models.load_tokenizer(tiny_policy, chat_template=str(template))
     with pytest.raises(DiceError, match="cannot read chat template"):
-        common.load_tokenizer(tiny_policy, chat_template=str(tmp_path / "missing.jinja"))
+        models.load_tokenizer(tiny_policy, chat_template=str(tmp_path / "missing.jinja"))
 
 
 # ----------------------------------------------------------------------------- data as users hold it
@@ -197,14 +197,14 @@ USER = [{"role": "user", "content": "Why?"}]
      "rejected": USER + [{"role": "assistant", "content": "No."}]},
 ])
 def test_read_pair_accepts_the_shapes_users_hold(row):
-    assert common.read_pair(row, "f:1") == {"prompt": "Why?", "chosen": "Because.", "rejected": "No."}
+    assert data.read_pair(row, "f:1") == {"prompt": "Why?", "chosen": "Because.", "rejected": "No."}
 
 
 def test_read_pair_keeps_multi_turn_prompts_and_refuses_mismatches():
     system = [{"role": "system", "content": "Be brief."}] + USER
     row = {"chosen": system + [{"role": "assistant", "content": "A"}],
            "rejected": system + [{"role": "assistant", "content": "B"}]}
-    assert common.read_pair(row, "f:1") == {"prompt": system, "chosen": "A", "rejected": "B"}
+    assert data.read_pair(row, "f:1") == {"prompt": system, "chosen": "A", "rejected": "B"}
     bad = [({"prompt": "Why?", "chosen": "A"}, "missing field 'rejected'"),
            ({"chosen": "A", "rejected": "B"}, "missing field 'prompt'"),
            ({"prompt": "Why?", "chosen": USER, "rejected": "B"}, "'chosen' must be a string or messages ending"),
@@ -215,7 +215,7 @@ def test_read_pair_keeps_multi_turn_prompts_and_refuses_mismatches():
            ({"prompt": "Why?", "chosen": 3, "rejected": "B"}, "'chosen' must be a string")]
     for row, message in bad:
         with pytest.raises(DiceError, match=f"^f:1: .*{message}"):
-            common.read_pair(row, "f:1")
+            data.read_pair(row, "f:1")
 
 
 def test_read_rows_reads_every_format_users_hold(tmp_path):
@@ -229,14 +229,14 @@ def test_read_rows_reads_every_format_users_hold(tmp_path):
     datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "saved"))
     for source, split in [("r.jsonl", "train"), ("lines.json", "train"), ("list.json", "train"),
                           ("r.parquet", "train"), ("saved", "test")]:
-        got = list(common.read_rows(str(tmp_path / source), split))
+        got = list(data.read_rows(str(tmp_path / source), split))
         assert [r for _, r in got] == rows, source
-    assert [w for w, _ in common.read_rows(str(tmp_path / "lines.json"))] == [f"{tmp_path}/lines.json:1",
+    assert [w for w, _ in data.read_rows(str(tmp_path / "lines.json"))] == [f"{tmp_path}/lines.json:1",
                                                                             f"{tmp_path}/lines.json:2"]
     (tmp_path / "bad.json").write_text('{"a": 1}\n{"a": \n')
     with pytest.raises(DiceError, match=r"bad.json:2: bad JSON"):
-        list(common.read_rows(str(tmp_path / "bad.json")))
+        list(data.read_rows(str(tmp_path / "bad.json")))
     with pytest.raises(DiceError, match=r"cannot load dataset .*saved \(split nope\)"):
-        list(common.read_rows(str(tmp_path / "saved"), "nope"))
+        list(data.read_rows(str(tmp_path / "saved"), "nope"))
     with pytest.raises(DiceError, match="expected a .jsonl, .json or .parquet file"):
-        list(common.read_rows(str(tmp_path / "r.txt")))
+        list(data.read_rows(str(tmp_path / "r.txt")))

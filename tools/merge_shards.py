@@ -5,7 +5,7 @@
 The expected rows are the prompts 01_generate.py generates for unsharded: its own load_prompts (deduplicated, --limit,
 sorted by prompt_id). Every shard must be finished (its done marker exists and matches the file) and the shards' union
 must be exactly that prompt set: none missing, none extra, none in two shards; otherwise a one-line error and nothing
-is written. The merged rows follow the unsharded order. Done and rerun as in the stages (common.stage): OUT.done.json
+is written. The merged rows follow the unsharded order. Done and rerun as in the stages (protocol.stage): OUT.done.json
 records the arguments, the fingerprints of the prompts and of every shard, and the counts; a rerun with the same
 shards prints "done already", other shards or arguments are refused unless --overwrite.
 """
@@ -15,25 +15,24 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import common  # noqa: E402
-from common import DiceError  # noqa: E402
+from dice import DiceError, cli, data, protocol  # noqa: E402
 
 
 def expected_prompt_ids(prompts, limit=None, split="train", prompt_field=None):
     """prompt_ids in unsharded order, by 01_generate.py's own prompt loading."""
-    items, _ = common.load_script("01_generate").load_prompts(prompts, prompt_field, split, limit)
+    items, _ = cli.load_script("01_generate").load_prompts(prompts, prompt_field, split, limit)
     return [item["prompt_id"] for item in items]
 
 
 def check_finished(shard):
     """A shard is finished when its done marker exists and records the fingerprint of the file as it is now."""
-    marker = common.done_marker(shard)
+    marker = protocol.done_marker(shard)
     try:
         with open(marker, encoding="utf-8") as f:
             recorded = json.load(f).get("output", {}).get("fingerprint")
     except (OSError, ValueError, AttributeError):
         raise DiceError(f"shard {shard} is not finished (no readable {os.path.basename(marker)})") from None
-    if not os.path.isfile(shard) or recorded != common.fingerprint(shard):
+    if not os.path.isfile(shard) or recorded != protocol.fingerprint(shard):
         raise DiceError(f"shard {shard} is not finished ({os.path.basename(marker)} does not match the file)")
 
 
@@ -43,7 +42,7 @@ def merge(shards, order):
         check_finished(s)
     by_id = {}
     for s in shards:
-        for i, row in common.read_jsonl(s):
+        for i, row in data.read_jsonl(s):
             pid = row.get("prompt_id")
             if pid in by_id:
                 raise DiceError(f"{s}:{i}: prompt_id {pid} is also in {by_id[pid][0]}")
@@ -71,19 +70,19 @@ def main(*shards, prompts: str = None, out: str = None, limit: int = None, split
     """
     if not shards or not prompts or not out:
         raise DiceError("usage: merge_shards.py --prompts PROMPTS --out FILE [--limit N] SHARD...")
-    args = common.convert(dict(prompts=prompts, out=out, limit=limit, split=split, prompt_field=prompt_field,
+    args = cli.legacy_convert(dict(prompts=prompts, out=out, limit=limit, split=split, prompt_field=prompt_field,
                                overwrite=overwrite), {"prompts": str, "out": str, "limit": (int, 1), "split": str,
                                                       "prompt_field": str, "overwrite": bool})
     shards = {f"shard{i}": str(s) for i, s in enumerate(shards)}
     print("merge_shards.py " + json.dumps({**args, "shards": list(shards.values())}))
-    with common.stage("merge_shards", args["out"], {**args, **shards}, inputs={"prompts": args["prompts"], **shards},
+    with protocol.stage("merge_shards", args["out"], {**args, **shards}, inputs={"prompts": args["prompts"], **shards},
                       overwrite=args["overwrite"]) as st:
         order = expected_prompt_ids(args["prompts"], args["limit"], args["split"], args["prompt_field"])
         rows = merge(list(shards.values()), order)
-        common.write_jsonl(st.tmp, rows)
+        protocol.write_jsonl(st.tmp, rows)
         st.record["counts"] = {"shards": len(shards), "rows": len(rows)}
     print(f"merged {len(shards)} shards into {args['out']}: {len(rows)} rows")
 
 
 if __name__ == "__main__":
-    common.cli(main)
+    cli.run(main)

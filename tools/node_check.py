@@ -24,9 +24,8 @@ import struct
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import common  # noqa: E402
 import report  # noqa: E402
-from common import DiceError  # noqa: E402
+from dice import DiceError, cli, data, protocol  # noqa: E402
 
 ROUND0_STAGES = ["train", "eval", "alpaca_eval", "judge_rm"]
 ROUND_STAGES = ["generate", "score", "score_offline", "pairs", "train", "eval", "alpaca_eval", "judge_rm"]
@@ -44,7 +43,7 @@ PAPER_PARAMS = {"llama3-8b": 8.03e9, "zephyr-7b": 7.24e9}  # Llama-3-8B, Mistral
 def read_marker(path):
     """The done marker of the output `path` (a dict), or None."""
     try:
-        with open(common.done_marker(path), encoding="utf-8") as f:
+        with open(protocol.done_marker(path), encoding="utf-8") as f:
             marker = json.load(f)
     except (OSError, ValueError):
         return None
@@ -128,7 +127,7 @@ def train_throughput(model_dir):
     (1 when it held a reference model). None when the marker or metrics.jsonl lack the figures."""
     marker = read_marker(model_dir) or {}
     path = os.path.join(model_dir, "metrics.jsonl")
-    logged = [row for _, row in common.read_jsonl(path) if "num_tokens" in row] if os.path.isfile(path) else []
+    logged = [row for _, row in data.read_jsonl(path) if "num_tokens" in row] if os.path.isfile(path) else []
     if not logged or not marker.get("train_runtime") or not marker.get("global_step") or not logged[-1].get("step"):
         return None
     tokens = logged[-1]["num_tokens"] * marker["global_step"] / logged[-1]["step"]
@@ -250,7 +249,7 @@ def main(out: str = None, paper: str = "llama3-8b", model: str = None):
     """
     if not out:
         raise DiceError("--out (the run folder of the check) is required")
-    args = common.convert(dict(out=out, paper=paper, model=model),
+    args = cli.legacy_convert(dict(out=out, paper=paper, model=model),
                           {"out": str, "paper": tuple(PAPER_PARAMS), "model": str})
     out = args["out"]
     if not os.path.isdir(out) or not rounds_of(out):
@@ -272,4 +271,4 @@ def main(out: str = None, paper: str = "llama3-8b", model: str = None):
 
 
 if __name__ == "__main__":
-    common.cli(main)
+    cli.run(main)

@@ -21,8 +21,7 @@ import random
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import common  # noqa: E402
-from common import DiceError  # noqa: E402
+from dice import DiceError, cli, protocol  # noqa: E402
 
 
 def last_assistant(messages, where):
@@ -61,14 +60,14 @@ def main(
     """Write prompts.jsonl, preferences.jsonl and eval_preferences.jsonl for the paper presets."""
     import datasets
 
-    num_prompts = common.as_int("num_prompts", num_prompts, minimum=1)
-    num_eval = common.as_int("num_eval", num_eval, minimum=0)
-    seed = common.as_int("seed", seed, minimum=0)
-    overwrite = common.as_bool("overwrite", overwrite)
+    num_prompts = cli.as_int("num_prompts", num_prompts, minimum=1)
+    num_eval = cli.as_int("num_eval", num_eval, minimum=0)
+    seed = cli.as_int("seed", seed, minimum=0)
+    overwrite = cli.as_bool("overwrite", overwrite)
     out = str(out)
     names = ["prompts.jsonl", "preferences.jsonl"] + (["eval_preferences.jsonl"] if num_eval else [])
     for name in names:
-        common.refuse_overwrite(os.path.join(out, name), overwrite)
+        protocol.refuse_overwrite(os.path.join(out, name), overwrite)
     print(f"prepare_ultrafeedback: source={source} out={out} num_prompts={num_prompts} num_eval={num_eval} seed={seed}")
     data = datasets.load_from_disk(source) if os.path.isdir(str(source)) else datasets.load_dataset(str(source))
     for split in (train_split,) + ((eval_split,) if num_eval else ()):
@@ -84,8 +83,8 @@ def main(
         raise DiceError(f"{train_split} has {len(prompts)} distinct usable prompts, "
                         f"fewer than --num_prompts {num_prompts}")
     chosen = rng.sample(prompts, num_prompts)
-    common.write_jsonl(os.path.join(out, "prompts.jsonl"), [{"prompt": p} for p in chosen])
-    common.write_jsonl(os.path.join(out, "preferences.jsonl"), [by_prompt[p] for p in chosen])
+    protocol.write_jsonl(os.path.join(out, "prompts.jsonl"), [{"prompt": p} for p in chosen])
+    protocol.write_jsonl(os.path.join(out, "preferences.jsonl"), [by_prompt[p] for p in chosen])
     counts = dict(prompts=len(chosen), preferences=len(chosen), train_rows_skipped=skipped)
     if num_eval:
         held, eval_skipped = to_pairs(data[eval_split], eval_split)
@@ -93,10 +92,10 @@ def main(
         held = [p for p in held if p["prompt"] not in in_rounds]
         if len(held) < num_eval:
             raise DiceError(f"{eval_split} has {len(held)} usable pairs, fewer than --num_eval {num_eval}")
-        common.write_jsonl(os.path.join(out, "eval_preferences.jsonl"), rng.sample(held, num_eval))
+        protocol.write_jsonl(os.path.join(out, "eval_preferences.jsonl"), rng.sample(held, num_eval))
         counts.update(eval_preferences=num_eval, eval_rows_skipped=eval_skipped)
     print(f"wrote {', '.join(names)} in {out}: {counts}")
 
 
 if __name__ == "__main__":
-    common.cli(main)
+    cli.run(main)

@@ -21,7 +21,7 @@ alpaca_eval, round 0 = pi_0):
   - alpaca_eval/rm_scores.jsonl (tools/judge_rm.py, a local reward model): win rate against pi_0 and against the
     previous round (same instructions, ties half), mean reward, mean length in characters.
 Only the files of stages that finished are read: an output counts when its own done marker (OUTPUT.done.json, written
-by common.stage) records the output as it is now, so a report made mid-run never reads a partial or replaced file;
+by protocol.stage) records the output as it is now, so a report made mid-run never reads a partial or replaced file;
 missing values print as "-". The report holds no timings and names files relative to OUT, so two runs with the same
 settings produce the same report.md. The short table it prints is what run_rounds.sh shows at the end of a run.
 --report_to also logs the per-round figures to trackers (tensorboard: OUT/runs/report; wandb; trackio), round = step.
@@ -35,9 +35,8 @@ import shlex
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import common  # noqa: E402
 import judge_rm  # noqa: E402
-from common import DiceError  # noqa: E402
+from dice import DiceError, cli, data, protocol  # noqa: E402
 
 # The output of each stage in OUT/round_t (its done marker is OUTPUT.done.json beside it).
 OUTPUTS = {"generate": "responses.jsonl", "score": "scores.jsonl", "score_offline": "offline_scored.jsonl",
@@ -54,11 +53,11 @@ PAPER_ANNOTATOR = "weighted_alpaca_eval_gpt4_turbo"
 def finished(path):
     """True when `path` is a finished stage output: its done marker records the fingerprint it has now."""
     try:
-        with open(common.done_marker(path), encoding="utf-8") as f:
+        with open(protocol.done_marker(path), encoding="utf-8") as f:
             recorded = json.load(f)["output"]["fingerprint"]
     except (OSError, ValueError, KeyError, TypeError):
         return False
-    return os.path.exists(path) and recorded == common.fingerprint(path)
+    return os.path.exists(path) and recorded == protocol.fingerprint(path)
 
 
 def _mean(values):
@@ -69,7 +68,7 @@ def _mean(values):
 def generation_stats(path):
     """Mean tokens/characters per sample and the share cut by max_new_tokens, from 01's responses.jsonl."""
     tokens, chars, truncated, n, prompts = [], [], 0, 0, 0
-    for _, row in common.read_jsonl(path):
+    for _, row in data.read_jsonl(path):
         prompts += 1
         tokens += list(row.get("num_tokens") or [])
         chars += [len(r) for r in row["responses"]]
@@ -81,7 +80,7 @@ def generation_stats(path):
 
 def score_stats(path):
     valid, rewards = [], []
-    for _, row in common.read_jsonl(path):
+    for _, row in data.read_jsonl(path):
         valid += [bool(v) for v in row["valid"]]
         rewards += [r for r, v in zip(row["rewards"], row["valid"]) if v]
     return dict(valid_rate=sum(valid) / len(valid) if valid else None, mean_reward=_mean(rewards))
@@ -101,7 +100,7 @@ def pair_stats(path):
 
 def train_stats(path):
     """First/last logged training loss and reward accuracy from 04's metrics.jsonl (the trainer's log history)."""
-    logs = [row for _, row in common.read_jsonl(path) if "loss" in row and "train_runtime" not in row]
+    logs = [row for _, row in data.read_jsonl(path) if "loss" in row and "train_runtime" not in row]
     acc = [row for row in logs if "rewards/accuracies" in row]
     return dict(loss_first=logs[0]["loss"] if logs else None, loss_last=logs[-1]["loss"] if logs else None,
                 reward_acc_last=acc[-1]["rewards/accuracies"] if acc else None,
@@ -112,7 +111,7 @@ def train_stats(path):
 def eval_stats(path):
     """Implicit-reward accuracy on held-out pairs: chosen_reward > rejected_reward (a tie counts as wrong)."""
     wins, margins = [], []
-    for _, row in common.read_jsonl(path):
+    for _, row in data.read_jsonl(path):
         c, r = row.get("chosen_reward"), row.get("rejected_reward")
         if c is None or r is None or not (math.isfinite(c) and math.isfinite(r)):
             continue
@@ -144,7 +143,7 @@ def alpaca_eval_stats(round_dir, annotator=PAPER_ANNOTATOR):
             else:
                 row.update({"ae_" + key: value for key, value in found.items()})
     if finished(os.path.join(folder, "rm_scores.jsonl")):
-        scored = [r for _, r in common.read_jsonl(os.path.join(folder, "rm_scores.jsonl"))]
+        scored = [r for _, r in data.read_jsonl(os.path.join(folder, "rm_scores.jsonl"))]
         row.update(rm_rows=scored, rm_mean_reward=_mean([r["reward"] for r in scored]),
                    rm_mean_chars=_mean([r["chars"] for r in scored]))
     if notes:
@@ -267,7 +266,7 @@ def save_plots(out, rows):
     written = []
 
     def save(fig, name):
-        with common.atomic_open(os.path.join(out, name), "wb") as f:
+        with protocol.atomic_open(os.path.join(out, name), "wb") as f:
             fig.savefig(f, format="png", dpi=100, bbox_inches="tight")
         plt.close(fig)
         written.append(name)
@@ -512,7 +511,7 @@ def main(out: str = None, plots: bool = True, paper: str = None, annotator: str 
     """
     if not out:
         raise DiceError("--out (the run folder) is required")
-    args = common.convert(dict(out=out, plots=plots, paper=paper, annotator=annotator, sft=sft, run_name=run_name),
+    args = cli.legacy_convert(dict(out=out, plots=plots, paper=paper, annotator=annotator, sft=sft, run_name=run_name),
                           {"out": str, "plots": bool, "paper": (*PAPER, None), "annotator": str, "sft": str,
                            "run_name": str})
     out = args["out"]
@@ -522,7 +521,7 @@ def main(out: str = None, plots: bool = True, paper: str = None, annotator: str 
     if not rows:
         raise DiceError(f"no round_N folders in {out}: nothing to report")
     written = save_plots(out, rows) if args["plots"] else []
-    with common.atomic_open(os.path.join(out, "report.md")) as f:
+    with protocol.atomic_open(os.path.join(out, "report.md")) as f:
         f.write(render(out, rows, written, args["paper"], args["annotator"], args["sft"]))
     print(text_table([h for h, _, _ in SHORT], [short_cells(r) for r in rows]))
     for r in rows:
@@ -535,4 +534,4 @@ def main(out: str = None, plots: bool = True, paper: str = None, annotator: str 
 
 
 if __name__ == "__main__":
-    common.cli(main)
+    cli.run(main)
