@@ -76,6 +76,7 @@ def _load_dataset(source, split):
     """A .json list or .parquet file, a save_to_disk folder (its `split` when it holds several) or a hub dataset."""
     import datasets
 
+    datasets.disable_progress_bars()  # a stage prints its own progress; stderr is for one-line errors
     try:
         if os.path.isfile(source):
             kind = "json" if source.lower().endswith(".json") else "parquet"

@@ -19,6 +19,7 @@ process writes one file.
 import json
 import os
 import sys
+from typing import Literal
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dice import DiceError, cli, data, models, protocol  # noqa: E402
@@ -90,31 +91,28 @@ def score(model, tokenizer, rows, device, batch_size):
     return rewards
 
 
-def main(model: str = None, outputs: str = None, out: str = None, batch_size: int = None, dtype: str = "auto",
-         overwrite: bool = False, trust_remote_code: bool = False):
+def main(model: str, outputs: str, out: str, batch_size: int = None,
+         dtype: Literal["auto", "float32", "bfloat16"] = "auto", overwrite: bool = False,
+         trust_remote_code: bool = False):
     """Score AlpacaEval outputs with a local reward model (sequence classification, first logit = reward).
 
     Args:
         model: the reward model, a local folder or a hub id (safetensors only).
         outputs: an alpaca_eval model_outputs.json (01_generate.py --format alpaca_eval).
         out: output JSONL: instruction, output, generator, reward, chars per row.
-        batch_size: rows per forward (default 8 on GPUs, 1 on CPUs).
+        batch_size: rows per forward (default 8 on GPUs, 1 on CPUs) (>= 1)
         dtype: auto (bf16 on GPUs, fp32 on CPUs), float32 or bfloat16.
         overwrite: redo an output made with other arguments or inputs.
         trust_remote_code: allow custom model code (some reward models need it; off by default).
     """
+    args = vars(cli.flags(main, locals()))
+    models.check_model_path(args["model"])  # a missing model is named before the outputs are read
     import torch
     from accelerate import PartialState
     from accelerate.utils import gather_object
     from transformers import AutoModelForSequenceClassification
 
     state = PartialState()
-    if not (model and outputs and out):
-        raise DiceError("--model, --outputs and --out are required")
-    args = cli.legacy_convert(dict(model=str(model), outputs=str(outputs), out=str(out), batch_size=batch_size,
-                               dtype=dtype, overwrite=overwrite, trust_remote_code=trust_remote_code),
-                          {"batch_size": (int, 1), "dtype": ("auto", "float32", "bfloat16"), "overwrite": bool,
-                           "trust_remote_code": bool})
     state.print("judge_rm " + json.dumps(args))
     with protocol.stage("judge_rm", args["out"], args, inputs={"model": args["model"], "outputs": args["outputs"]},
                       overwrite=args["overwrite"], ignore=("batch_size",), main_process=state.is_main_process) as st:

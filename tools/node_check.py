@@ -22,6 +22,7 @@ import math
 import os
 import struct
 import sys
+from typing import Literal
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import report  # noqa: E402
@@ -239,7 +240,7 @@ def forecast_lines(rates, check_params, model_dir, paper, work=PAPER_WORK):
     return lines
 
 
-def main(out: str = None, paper: str = "llama3-8b", model: str = None):
+def main(out: str, paper: Literal["llama3-8b", "zephyr-7b"] = "llama3-8b", model: str = None):
     """Print the stage lines and the rough forecast of a node check's run folder.
 
     Args:
@@ -247,10 +248,7 @@ def main(out: str = None, paper: str = "llama3-8b", model: str = None):
         paper: the preset to forecast: llama3-8b or zephyr-7b.
         model: the check model's folder, to count its parameters (default: round_0/model, else the model 01 used).
     """
-    if not out:
-        raise DiceError("--out (the run folder of the check) is required")
-    args = cli.legacy_convert(dict(out=out, paper=paper, model=model),
-                          {"out": str, "paper": tuple(PAPER_PARAMS), "model": str})
+    args = vars(cli.flags(main, locals()))
     out = args["out"]
     if not os.path.isdir(out) or not rounds_of(out):
         raise DiceError(f"no round_N folders in {out}: not a run folder of run_rounds.sh")

