@@ -28,7 +28,7 @@
 # each output with its done marker OUTPUT.done.json. Every stage logs its exact command and output to
 # OUT/round_t/logs/STAGE.log (shards: STAGE.shardI.log); OUT/run.log and stdout get a line per stage start and end.
 #
-# Resume and safety are the stage scripts' (common.stage): this loop runs every stage every time, and a stage that
+# Resume and safety are the stage scripts' (dice/protocol.py): this loop runs every stage every time, and a stage that
 # finished before with the same arguments and the same inputs (by content) says "done already" in seconds; one whose
 # arguments or inputs changed is refused, which stops the loop with that one line. FORCE=1 passes --overwrite to every
 # stage: a changed stage is redone, the stages after it see their changed inputs and are redone too, unchanged ones
