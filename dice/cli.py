@@ -8,6 +8,7 @@ with a did-you-mean and exit status 2, with nothing read or written; `--help` pr
 `flags(main, locals())`, the first line of every `main`, converts and checks the values (fire ignores type hints), so a
 call from Python is checked the same way as the command line.
 """
+import contextlib
 import difflib
 import importlib.util
 import inspect
@@ -29,7 +30,8 @@ def run(main, extra_flags=None):
 
     argv, name = sys.argv[1:], os.path.basename(sys.argv[0])
     if "--help" in argv or "-h" in argv:
-        print(usage(main, name))
+        with contextlib.suppress(BrokenPipeError):  # `--help | head`
+            print(usage(main, name), flush=True)
         return
     try:
         check_command_line(main, argv, extra_flags)
@@ -186,7 +188,7 @@ def convert(flag, value, kind, limits=()):
             raise DiceError(f"--{flag} must be one of {', '.join(map(str, members))}; got {value!r}")
         return found[0]
     if origin is list:
-        items = list(value) if isinstance(value, (list, tuple)) else str(value or "").split(",")
+        items = list(value) if isinstance(value, (list, tuple)) else str("" if value is None else value).split(",")
         return [convert(flag, v, members[0], limits) for v in items if str(v).strip() != ""]
     if kind is bool:
         if isinstance(value, bool) or value in (0, 1):

@@ -151,3 +151,31 @@ def prompt_id(prompt):
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
+# ----------------------------------------------------------------------------- the prompt of an input row
+
+PROMPT_FIELDS = ("prompt", "instruction", "messages")  # looked for in this order when no field is named
+
+
+def find_field(rows, source, field=None):
+    """The field holding the prompt: `field` when named, else the first of PROMPT_FIELDS in the first row.
+    rows: (where, row) pairs of data.read_rows."""
+    if not rows:
+        raise DiceError(f"{source}: no prompts")
+    first = rows[0][1]
+    field = field or next((f for f in PROMPT_FIELDS if f in first), None)
+    if field is None:
+        raise DiceError(f"{rows[0][0]}: no prompt field (looked for {', '.join(PROMPT_FIELDS)}; "
+                        f"found {', '.join(map(str, first)) or 'nothing'}); pass --prompt_field")
+    return field
+
+
+def get_prompt(row, field, where):
+    """The prompt of one row (a non-empty string or a messages list without trailing assistant turns)."""
+    if field not in row:
+        raise DiceError(f"{where}: missing field {field!r}")
+    prompt = row[field]
+    if isinstance(prompt, list):
+        while prompt and isinstance(prompt[-1], dict) and prompt[-1].get("role") == "assistant":
+            prompt = prompt[:-1]
+    to_messages(prompt, f"{where}: field {field!r}")  # raises on an empty or malformed prompt
+    return prompt

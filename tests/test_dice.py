@@ -177,6 +177,7 @@ def demo_main(model: str, num: int = 4, rate: float = 0.5, engine: Literal["auto
 def test_flags_converts_by_the_signature_and_checks_the_ranges_of_the_args_lines():
     got = demo_main("m", num="3", rate="1", engine="hf", ids=(1, 2), bf16="false", plots="False", name="")
     assert vars(got) == dict(model="m", num=3, rate=1.0, engine="hf", ids=[1, 2], bf16=False, plots=False, name=None)
+    assert demo_main("m", ids=0).ids == [0] and demo_main("m", ids="0,5").ids == [0, 5]  # 0 is a real token id
     assert vars(demo_main(5, ids="7")) == dict(model="5", num=4, rate=0.5, engine="auto", ids=[7], bf16="auto",
                                                plots=True, name=None)
     for kwargs, message in [(dict(num=0), "--num must be >= 1, got 0"), (dict(num=2.5), "--num must be an int"),

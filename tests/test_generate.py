@@ -1,6 +1,7 @@
 """01_generate.py: output schema, seeding (same samples whatever the batching or sharding), shards and their merge,
 the stage protocol (done already, refused, --overwrite, resume after a kill), alpaca_eval output, bad input, --help,
-and the prompt format against TRL's DPOTrainer."""
+misspelt flags, and the prompt format against TRL's DPOTrainer."""
+import inspect
 import json
 import os
 import random
@@ -12,7 +13,8 @@ import time
 import pytest
 
 from conftest import ROOT, load_script, run_script
-from dice import DiceError, data, models, protocol
+from dice import DiceError, data, engines, models, protocol
+from dice.cli import help_lines
 
 gen = load_script("01_generate")
 merge_shards = load_script("tools/merge_shards")
@@ -196,14 +198,14 @@ def test_sampler_top_p_keeps_the_nucleus_and_samples_its_distribution():
 
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
     logits = probs.log()
-    sampler = gen.make_sampler([7], temperature=1.0, top_p=0.8)
+    sampler = engines.make_sampler([7], temperature=1.0, top_p=0.8)
     draws = [int(sampler(None, logits).argmax()) for _ in range(4000)]
     counts = [draws.count(i) for i in range(4)]
     assert counts[2] == counts[3] == 0  # outside the nucleus {0, 1} (0.5 + 0.3 reaches 0.8)
     assert abs(counts[0] / 4000 - 0.5 / 0.8) < 0.03  # renormalised inside it: 0.625 / 0.375
     kept = torch.isfinite(TopPLogitsWarper(0.8)(None, logits.clone()))[0].tolist()
     assert kept == [True, True, False, False]  # same nucleus as transformers' own top-p
-    again = gen.make_sampler([7], temperature=1.0, top_p=0.8)
+    again = engines.make_sampler([7], temperature=1.0, top_p=0.8)
     assert [int(again(None, logits).argmax()) for _ in range(50)] == draws[:50]  # the seed fixes the draws
 
 
@@ -301,7 +303,7 @@ def test_rerun_with_the_same_settings_is_done_already_before_any_model_loads(
         raise AssertionError("a model was loaded for a finished output")
 
     monkeypatch.setattr(models, "load_tokenizer", no_model)
-    monkeypatch.setattr(gen, "make_engine", no_model)
+    monkeypatch.setattr(engines, "make_engine", no_model)
     moved = tmp_path / "moved.jsonl"  # the same prompts under another path are the same input; so is --overwrite
     moved.write_bytes(open(prompts_file, "rb").read())
     for overwrite in (False, True):
@@ -387,7 +389,7 @@ def fake_engine(monkeypatch, text_of):
     the tokenizer's EOS (a "stop" sample). Returns the {prompt: prompt_ids} the engine was given."""
     seen = {}
 
-    def fake_generate(self, batch, num_samples, temperature, top_p, stop_ids, pad_id, seed):
+    def fake_generate(self, batch, seeds, num_samples, temperature, top_p, stop_ids, pad_id):
         seen.update({b["prompt"]: b["prompt_ids"] for b in batch})
         return [[(self.tok(text_of(b["prompt"], k), add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id],
                   True) for k in range(num_samples)] for b in batch]
@@ -397,8 +399,8 @@ def fake_engine(monkeypatch, text_of):
 
         self.tok = AutoTokenizer.from_pretrained(model)
 
-    monkeypatch.setattr(gen.HFEngine, "__init__", fake_init)
-    monkeypatch.setattr(gen.HFEngine, "generate", fake_generate)
+    monkeypatch.setattr(engines.HFEngine, "__init__", fake_init)
+    monkeypatch.setattr(engines.HFEngine, "generate", fake_generate)
     return seen
 
 
@@ -439,7 +441,8 @@ def test_chat_template_renders_the_prompts_and_is_an_input(tiny_policy, tmp_path
         assert tok.decode(seen[p]) == official and seen[p] != models.chat_prompt_ids(tok, p)  # not ChatML
     assert "warning: " in capsys.readouterr().err  # <|system|>, </s>, ... are plain text to the tiny tokenizer
     marker = json.load(open(protocol.done_marker(out)))
-    assert marker["inputs"]["chat_template"] == {"path": str(template), "fingerprint": protocol.fingerprint(ZEPHYR_DICE)}
+    assert marker["inputs"]["chat_template"] == {"path": str(template),
+                                                 "fingerprint": protocol.fingerprint(ZEPHYR_DICE)}
     with pytest.raises(protocol.AlreadyDone):
         generate(tiny_policy, source, out, engine="hf", num_samples=1, chat_template=str(template))
     template.write_text(template.read_text().replace("' '", "'  '"))  # another default system text
@@ -568,12 +571,35 @@ def test_bad_arguments(model, prompts_file, tmp_path, flags, message):
     assert os.listdir(tmp_path) == []
 
 
-def test_help_gives_every_flag_its_description():
-    proc = run_script(["python", "01_generate.py", "--help"], env={"PAGER": "cat"})  # fire writes help to stderr
-    described = dict(line.strip().split(": ", 1) for line in gen.main.__doc__.split("Args:")[1].strip().splitlines())
-    assert list(described) == list(gen.ARGS)  # every flag has its line, in the signature's order
+def test_help_gives_every_flag_its_description_and_loads_nothing():
+    """--help (dice/cli.usage, on stdout): exit 0, every flag with its Args line, and nothing imported beyond the
+    standard library and dice (no torch, transformers, datasets or fire), so nothing is loaded or written."""
+    proc = run_script(["python", "-X", "importtime", "01_generate.py", "--help", "--out", "/nonexistent/r.jsonl"])
+    described = help_lines(gen.main)
+    assert list(described) == list(inspect.signature(gen.main).parameters)  # every flag has its line, in order
     for flag, text in described.items():
-        assert text in proc.stderr, flag
+        assert f"--{flag} (" in proc.stdout and text in proc.stdout, flag
+    assert "--top_p (float; default 0.9)" in proc.stdout and "--engine (auto | vllm | hf; default auto)" in proc.stdout
+    imported = {line.split("|")[-1].strip().split(".")[0] for line in proc.stderr.splitlines() if "|" in line}
+    assert "dice" in imported and not imported & {"torch", "transformers", "datasets", "fire", "vllm"}, imported
+    assert not os.path.exists("/nonexistent")
+
+
+def test_misspelt_flag_is_one_line_exit_2_and_touches_nothing(model, prompts_file, reference, tmp_path):
+    """A typo is named, with the flag it resembles, before anything is read or written: for a new output and for a
+    finished one (which a correct rerun would call done already)."""
+    out, _, _ = reference
+    finished = {p: (open(p, "rb").read(), os.stat(p).st_mtime_ns) for p in (out, protocol.done_marker(out))}
+    new = tmp_path / "new" / "responses.jsonl"
+    for target in (new, out):
+        args = reference_args(model, prompts_file, target)
+        args[args.index("--num_samples")] = "--num_sample"
+        proc = cli(args, check=False)
+        assert proc.returncode == 2 and proc.stdout == "", proc.stdout
+        assert proc.stderr == "error: unknown flag --num_sample (did you mean --num_samples?); see --help\n"
+    assert not new.parent.exists() and os.listdir(tmp_path) == []
+    assert {p: (open(p, "rb").read(), os.stat(p).st_mtime_ns) for p in finished} == finished
+    assert sorted(os.listdir(os.path.dirname(out))) == ["responses.jsonl", "responses.jsonl.done.json"]
 
 
 # ----------------------------------------------------------------------------- prompt format = TRL's DPOTrainer

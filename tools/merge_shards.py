@@ -1,6 +1,7 @@
 """Join the shard files of 01_generate.py into the responses.jsonl one process would have written (run_rounds.sh).
 
-    python tools/merge_shards.py --prompts PROMPTS [--limit N] [--split S] --out round_1/responses.jsonl S0 S1 ...
+    python tools/merge_shards.py --prompts PROMPTS [--limit N] [--split S] --out runs/zephyr/round_1/responses.jsonl \
+        runs/zephyr/round_1/shards/responses.0-of-8.jsonl ... runs/zephyr/round_1/shards/responses.7-of-8.jsonl
 
 The expected rows are the prompts 01_generate.py generates for unsharded: its own load_prompts (deduplicated, --limit,
 sorted by prompt_id). Every shard must be finished (its done marker exists and matches the file) and the shards' union
@@ -55,28 +56,26 @@ def merge(shards, order):
     return [by_id[p][1] for p in order]
 
 
-def main(*shards, prompts: str = None, out: str = None, limit: int = None, split: str = "train",
-         prompt_field: str = None, overwrite: bool = False):
+def main(*shards, prompts: str, out: str, limit: int = None, split: str = "train", prompt_field: str = None,
+         overwrite: bool = False):
     """Merge SHARDS (01_generate.py's finished shard files) into --out in the unsharded order of --prompts.
 
     Args:
         shards: the shard files, in any order
         prompts: the prompts 01_generate.py read (the same --prompts, --limit, --split and --prompt_field)
         out: the merged responses.jsonl
-        limit: 01_generate.py's --limit
+        limit: 01_generate.py's --limit (>= 1)
         split: 01_generate.py's --split
         prompt_field: 01_generate.py's --prompt_field
         overwrite: redo an output made from other shards or arguments
     """
-    if not shards or not prompts or not out:
+    args = {k: v for k, v in vars(cli.flags(main, locals())).items() if k != "shards"}
+    if not shards or not args["prompts"] or not args["out"]:
         raise DiceError("usage: merge_shards.py --prompts PROMPTS --out FILE [--limit N] SHARD...")
-    args = cli.legacy_convert(dict(prompts=prompts, out=out, limit=limit, split=split, prompt_field=prompt_field,
-                               overwrite=overwrite), {"prompts": str, "out": str, "limit": (int, 1), "split": str,
-                                                      "prompt_field": str, "overwrite": bool})
     shards = {f"shard{i}": str(s) for i, s in enumerate(shards)}
     print("merge_shards.py " + json.dumps({**args, "shards": list(shards.values())}))
     with protocol.stage("merge_shards", args["out"], {**args, **shards}, inputs={"prompts": args["prompts"], **shards},
-                      overwrite=args["overwrite"]) as st:
+                        overwrite=args["overwrite"]) as st:
         order = expected_prompt_ids(args["prompts"], args["limit"], args["split"], args["prompt_field"])
         rows = merge(list(shards.values()), order)
         protocol.write_jsonl(st.tmp, rows)
