@@ -28,11 +28,12 @@ import os
 import sys
 import tempfile
 import time
+from typing import Literal
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tools")]
 
-from dice import cli, data, models, protocol  # noqa: E402
+from dice import cli, data, models, protocol, scoring, trl_internals  # noqa: E402
 
 score = cli.load_script("02_score")
 
@@ -54,7 +55,7 @@ def sequences(tokenizer, rows):
     """(prompt+response ids, response start) of every response, as 02 builds them."""
     out = []
     for row in rows:
-        seqs, _, _ = score.tokenize_row(tokenizer, row, "responses", 4096, "keep_start")
+        seqs, _, _ = scoring.tokenize_row(tokenizer, row, "responses", 4096, "keep_start")
         out.extend(seqs)
     return out
 
@@ -112,20 +113,20 @@ def loop_and_raw(model_path, seqs, dtype):
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     # plain model calls stay the original forward
-    models = [score.load_scorer(model_path, dtype, device, False) for _ in range(2)]
+    scorers = [trl_internals.load_scorer(model_path, dtype, device, False) for _ in range(2)]
     autocast = torch.bfloat16 if dtype == "bfloat16" else None
     lengths = [len(ids) for ids, _ in seqs]
     tensors = [torch.tensor([ids], device=device) for ids, _ in seqs]
     default_budget = 16384 if device == "cuda" else 1
 
     def scored(batch_tokens):
-        for model in models:
-            for batch in score.make_batches(lengths, batch_tokens):
-                score.batch_logps(model, [seqs[i] for i in batch], 0, device, autocast)
+        for model in scorers:
+            for batch in scoring.make_batches(lengths, batch_tokens):
+                trl_internals.batch_logps(model, [seqs[i] for i in batch], 0, device, autocast)
 
     def raw():
         with torch.inference_mode():
-            for model in models:
+            for model in scorers:
                 for x in tensors:
                     model(input_ids=x)
             if device == "cuda":
@@ -134,13 +135,20 @@ def loop_and_raw(model_path, seqs, dtype):
     return {"loop": lambda: scored(default_budget), "raw": raw, "loop_4096": lambda: scored(4096)}
 
 
-def main(prompts=12, dtypes="float32", rounds=2):
+def main(prompts: int = 12, dtypes: list[Literal["float32", "bfloat16"]] = ("float32",), rounds: int = 2):
+    """Benchmark 02_score.py against the paper code's approach and the raw forward (tokens/s, one table).
+
+    Args:
+        prompts: the first N prompts of gpt4_prefs_small.jsonl, 2 responses each (>= 1)
+        dtypes: the dtypes to compare, e.g. float32,bfloat16
+        rounds: each method runs this many times, alternating; its best round counts (>= 1)
+    """
+    args = cli.flags(main, locals())
     import torch
 
     import smollm2
 
-    prompts = cli.as_int("prompts", prompts, minimum=1)
-    dtypes = dtypes.split(",") if isinstance(dtypes, str) else list(dtypes)
+    prompts, dtypes, rounds = args.prompts, args.dtypes, args.rounds
     model = smollm2.build()
     tokenizer = models.load_tokenizer(model)
     rows = load_rows(prompts)
@@ -148,7 +156,6 @@ def main(prompts=12, dtypes="float32", rounds=2):
     tokens = 2 * sum(len(ids) for ids, _ in seqs)  # both models, real tokens only
     print(f"SmolLM2-135M-Instruct, {len(rows)} prompts x 2 responses = {len(seqs)} sequences, {tokens} tokens "
           f"(both models), torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}", flush=True)
-    rounds = cli.as_int("rounds", rounds, minimum=1)
     table = ["| dtype | 02 end to end | paper approach | 02 / paper | 02 loop | 02 loop / paper "
              "| 02 loop, 4096-token batches | raw forward | 02 loop / raw |", "|---|---|---|---|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as workdir:
@@ -172,6 +179,4 @@ def main(prompts=12, dtypes="float32", rounds=2):
 
 
 if __name__ == "__main__":
-    import fire
-
-    fire.Fire(main)
+    cli.run(main)

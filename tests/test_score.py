@@ -9,9 +9,9 @@ import shutil
 import pytest
 
 from conftest import ROOT, load_script, run_script
+from dice import DiceError, models, protocol, scoring, trl_internals
 
 score = load_script("02_score")
-DiceError = score.DiceError
 
 # A ChatML variant whose generation prompt ends in a space: the prompt's last token (" ") merges with a response that
 # starts with a letter (" reward" is one token), so the response starts before the prompt's end (as with Llama-2's
@@ -150,34 +150,34 @@ def test_truncate_matches_trl_collator():
         batch = DataCollatorForPreference(pad_token_id=0, max_length=7, truncation_mode=mode)(
             [{"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected}])
         for b, completion in enumerate((chosen, rejected)):
-            ids, start, cut = score.truncate(prompt + completion, len(prompt), 7, mode)
+            ids, start, cut = scoring.truncate(prompt + completion, len(prompt), 7, mode)
             n = len(ids)
             assert batch["input_ids"][b, :n].tolist() == ids and batch["attention_mask"][b].sum() == n
             assert batch["completion_mask"][b, :n].tolist() == [0] * start + [1] * (n - start)
             assert cut == (len(prompt + completion) > 7)
-    assert score.truncate([1, 2, 3, 4, 5], 4, 4, "keep_start") is None  # prompt fills max_length: TRL drops the row
-    assert score.truncate([1, 2, 3, 4, 5], 4, 4, "keep_end") == ([2, 3, 4, 5], 3, True)
+    assert scoring.truncate([1, 2, 3, 4, 5], 4, 4, "keep_start") is None  # prompt fills max_length: TRL drops the row
+    assert scoring.truncate([1, 2, 3, 4, 5], 4, 4, "keep_end") == ([2, 3, 4, 5], 3, True)
 
 
 def test_completion_positions_switch_is_scoped():
     import torch
     import trl.trainer.utils
 
-    with score.completion_positions_only():  # the private switch exists in the pinned TRL, so the fast path is taken
+    with trl_internals.completion_positions_only():  # the switch exists in the pinned TRL: the fast path is taken
         assert trl.trainer.utils._use_triton(torch.device("cpu")) is True
     assert trl.trainer.utils._use_triton(torch.device("cpu")) is False
 
 
 def test_batches_cover_every_sequence_once_within_the_budget():
     lengths = [5, 300, 17, 17, 120, 9, 64, 64, 64, 1000, 2]
-    batches = score.make_batches(lengths, 256)
+    batches = scoring.make_batches(lengths, 256)
     assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
     for b in batches:
         assert len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 256
     flat = [lengths[i] for b in batches for i in b]
     assert flat == sorted(lengths, reverse=True)  # sorted by length: little padding
-    owners = score.assign_batches(batches, lengths, 3)
-    assert set(owners) == {0, 1, 2} and score.assign_batches(batches, lengths, 1) == [0] * len(batches)
+    owners = scoring.assign_batches(batches, lengths, 3)
+    assert set(owners) == {0, 1, 2} and scoring.assign_batches(batches, lengths, 1) == [0] * len(batches)
 
 
 def test_tokenization_is_trls(tiny_policy, space_models):
@@ -200,10 +200,10 @@ def test_tokenization_is_trls(tiny_policy, space_models):
         prepared = DPOTrainer._prepare_dataset(SimpleNamespace(_tokenizer=tok), ds, tok, args, "train")
         trl_rows = {r["idx"]: r for r in prepared}
         for i, row in enumerate(PAIRS):
-            seqs, starts, counts = score.tokenize_row(tok, row, "pairs", None, "keep_start")
+            seqs, starts, counts = scoring.tokenize_row(tok, row, "pairs", None, "keep_start")
             merges += counts["boundary_merges"]
             (c_ids, c_start), (r_ids, r_start) = seqs
-            _, _, cut = score.tokenize_row(tok, row, "pairs", 40, "keep_start")
+            _, _, cut = scoring.tokenize_row(tok, row, "pairs", 40, "keep_start")
             if i not in trl_rows:  # TRL dropped it: its prompt alone fills max_length
                 assert cut["prompt_too_long"] == 2
                 continue
@@ -325,7 +325,7 @@ def test_chat_template_pairs_equal_trl(name, dice_models, tmp_path):
     expect = {who: trl_logps(model, PAIRS, 70, chat_template=TEMPLATES[name])
               for who, model in (("policy", policy), ("reference", reference))}
     assert done["args"]["chat_template"] == TEMPLATES[name]
-    assert done["inputs"]["chat_template"]["fingerprint"] == score.protocol.fingerprint(TEMPLATES[name])
+    assert done["inputs"]["chat_template"]["fingerprint"] == protocol.fingerprint(TEMPLATES[name])
     assert done["counts"]["truncated"] > 0 and done["counts"]["prompt_too_long"] == 2
     assert len(expect["policy"]) == len(PAIRS) - 1
     for i, row in enumerate(rows):
@@ -355,7 +355,7 @@ def test_chat_template_scores_exactly_the_official_response_tokens(name, dice_mo
     tok = AutoTokenizer.from_pretrained(policy)
     model = AutoModelForCausalLM.from_pretrained(policy, dtype=torch.float32).eval()
     end = "</s>" if name == "zephyr" else "<|eot_id|>"
-    tokenizer = score.models.load_tokenizer(policy, chat_template=TEMPLATES[name])
+    tokenizer = models.load_tokenizer(policy, chat_template=TEMPLATES[name])
     for p, row in zip(prompts, rows):
         if name == "zephyr":
             prompt_text = f"<|system|>\n </s>\n<|user|>\n{p}</s>\n<|assistant|>\n"
@@ -366,7 +366,7 @@ def test_chat_template_scores_exactly_the_official_response_tokens(name, dice_mo
         for k, y in enumerate(responses):
             response_ids = tok(y + end, add_special_tokens=False)["input_ids"]
             assert response_ids[-1] == tok.convert_tokens_to_ids(end) and response_ids.count(response_ids[-1]) == 1
-            (seq,), starts, _ = score.tokenize_row(tokenizer, {"prompt": p, "responses": [y]}, "responses", None,
+            (seq,), starts, _ = scoring.tokenize_row(tokenizer, {"prompt": p, "responses": [y]}, "responses", None,
                                                    "keep_start")
             assert seq == (prompt_ids + response_ids, len(prompt_ids)) and starts == [len(prompt_ids)]
             assert row["completion_starts"][k] == len(prompt_ids)
@@ -392,7 +392,7 @@ def test_chat_template_is_part_of_the_stage_and_replaces_both_templates(tiny_pol
     same, _ = run_main(tmp_path, tiny_policy, tiny_reference, [GOOD, GOOD], mode="responses", name="same.jsonl",
                        chat_template=str(template))
     assert read_jsonl(out) == same
-    with pytest.raises(score.protocol.AlreadyDone):
+    with pytest.raises(protocol.AlreadyDone):
         score.main(reference=space_models[1], chat_template=str(template), **kw)
     with open(template, "a") as f:
         f.write("{# edited #}")
@@ -602,10 +602,45 @@ def test_cli_one_line_errors_and_the_stage_protocol(tiny_policy, tiny_reference,
         f"error: {out} was made with other arguments or inputs (input --responses changed); pass --overwrite to "
         "redo it")
     bad = write_jsonl(tmp_path / "bad.jsonl", [GOOD, {**GOOD, "finish_reasons": ["stop"]}])
-    proc = run_script(cmd[:6] + [bad, "--out", str(tmp_path / "x.jsonl")], check=False)
+    proc = run_script(cmd[:7] + [bad, "--out", str(tmp_path / "x.jsonl")], check=False)
     assert proc.returncode == 2 and proc.stderr.strip() == f"error: {bad}:2: 2 responses but 1 finish_reasons"
     assert not os.path.exists(tmp_path / "x.jsonl")
     assert sorted(os.listdir(tmp_path)) == ["bad.jsonl", "r.jsonl", "scores.jsonl", "scores.jsonl.done.json"]
+
+
+def test_flags_are_checked_before_any_work(tiny_policy, tiny_reference, tmp_path):
+    """Through the real command line: a misspelt flag is one line with a did-you-mean, exit 2, nothing read or written,
+    also when the output is finished already; a value out of its range likewise; --help exits 0 and loads no model
+    (the models and the input it is given do not exist)."""
+    src = write_jsonl(tmp_path / "r.jsonl", [GOOD])
+    out = str(tmp_path / "scores.jsonl")
+    cmd = ["python", "02_score.py", "--policy", tiny_policy, "--reference", tiny_reference, "--responses", src,
+           "--out", out]
+    typo = ["--polciy" if a == "--policy" else a for a in cmd]
+
+    def files():
+        return {name: (tmp_path / name).read_bytes() for name in sorted(os.listdir(tmp_path))}
+
+    for finished in (False, True):
+        if finished:
+            run_script(cmd)
+        before = files()
+        for argv, error in (
+                (typo, "unknown flag --polciy (did you mean --policy?); see --help"),
+                (cmd + ["--chunk_row", "8"], "unknown flag --chunk_row (did you mean --chunk_rows?); see --help"),
+                (cmd + ["--max_length", "1"], "--max_length must be >= 2, got 1")):
+            proc = run_script(argv, check=False)
+            assert (proc.returncode, proc.stdout, proc.stderr.splitlines()) == (2, "", [f"error: {error}"]), argv
+            assert files() == before
+        assert list(before) == (["r.jsonl", "scores.jsonl", "scores.jsonl.done.json"] if finished else ["r.jsonl"])
+    missing = str(tmp_path / "missing")
+    proc = run_script(["python", "02_score.py", "--help", "--policy", missing, "--reference", missing, "--responses",
+                       missing, "--out", str(tmp_path / "h.jsonl")])
+    assert proc.stdout.startswith("usage: python 02_score.py") and proc.stderr == ""
+    for line in ("--policy (str; required)", "--max_length (int; default 4096)",
+                 "--dtype (float32 | bfloat16; default float32)"):
+        assert line in proc.stdout
+    assert files() == before
 
 
 def test_done_already_is_decided_before_any_model_is_loaded(tiny_policy, tiny_reference, tmp_path, monkeypatch):
@@ -614,9 +649,9 @@ def test_done_already_is_decided_before_any_model_is_loaded(tiny_policy, tiny_re
     def no_loading(*args, **kwargs):
         raise AssertionError("a model or tokenizer was loaded")
 
-    monkeypatch.setattr(score.models, "load_tokenizer", no_loading)
-    monkeypatch.setattr(score, "load_scorer", no_loading)
-    with pytest.raises(score.protocol.AlreadyDone, match="done already"):
+    monkeypatch.setattr(models, "load_tokenizer", no_loading)
+    monkeypatch.setattr(trl_internals, "load_scorer", no_loading)
+    with pytest.raises(protocol.AlreadyDone, match="done already"):
         run_main(tmp_path, tiny_policy, tiny_reference, [GOOD], mode="responses")
     with pytest.raises(DiceError, match=r"other arguments or inputs \(dtype: 'float32' -> 'bfloat16'\)"):
         run_main(tmp_path, tiny_policy, tiny_reference, [GOOD], mode="responses", dtype="bfloat16")
