@@ -179,8 +179,9 @@ def convert(flag, value, kind, limits=()):
                 continue
             try:
                 return convert(flag, value, member, limits)
-            except DiceError:
-                pass
+            except DiceError as e:
+                if re.search(r"must be [<>]", str(e)):  # the value is of this type but out of its range: say so
+                    bad = e
         raise bad
     if origin is typing.Literal:
         found = [m for m in members if m == value or (isinstance(value, str) and str(m) == value)]
@@ -227,91 +228,3 @@ def load_script(name):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-# ----------------------------------------------------------------------------- LEGACY (to be removed)
-
-import math  # noqa: E402
-
-
-def as_int(name, value, minimum=None):
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise DiceError(f"--{name} must be an integer, got {value!r}")
-    try:
-        value = int(value)
-    except ValueError:
-        raise DiceError(f"--{name} must be an integer, got {value!r}") from None
-    if minimum is not None and value < minimum:
-        raise DiceError(f"--{name} must be >= {minimum}, got {value}")
-    return value
-
-
-def as_float(name, value, minimum=None, maximum=None):
-    if isinstance(value, bool):
-        raise DiceError(f"--{name} must be a number, got {value!r}")
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise DiceError(f"--{name} must be a number, got {value!r}") from None
-    if not math.isfinite(value):
-        raise DiceError(f"--{name} must be finite, got {value}")
-    if minimum is not None and value < minimum:
-        raise DiceError(f"--{name} must be >= {minimum}, got {value}")
-    if maximum is not None and value > maximum:
-        raise DiceError(f"--{name} must be <= {maximum}, got {value}")
-    return value
-
-
-def as_bool(name, value):
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.lower() in ("true", "1", "yes"):
-        return True
-    if isinstance(value, str) and value.lower() in ("false", "0", "no"):
-        return False
-    if value in (0, 1):
-        return bool(value)
-    raise DiceError(f"--{name} must be true or false, got {value!r}")
-
-
-def as_choice(name, value, choices):
-    if value not in choices:
-        raise DiceError(f"--{name} must be one of {', '.join(map(str, choices))}; got {value!r}")
-    return value
-
-
-def as_int_list(name, value):
-    """None, an int, '1,2', (1, 2) or [1, 2] -> list of ints (fire turns '1,2' into a tuple)."""
-    if value is None or value == "":
-        return []
-    if isinstance(value, (list, tuple)):
-        items = list(value)
-    else:
-        items = str(value).split(",")
-    return [as_int(name, v) for v in items if str(v).strip() != ""]
-
-
-def legacy_convert(values, rules):
-    """Check and convert the arguments fire parsed, in one call: {name: rule} where a rule is a type (int, float,
-    bool, str, list = comma-separated ints), (int, minimum), (float, minimum, maximum) or a tuple of allowed strings.
-    None stays None (an optional argument) except for bool. Returns a new dict; a bad value is a DiceError."""
-    out = dict(values)
-    for name, rule in rules.items():
-        value = values.get(name)
-        if isinstance(rule, tuple) and rule and not isinstance(rule[0], type):
-            out[name] = as_choice(name, value, rule)
-            continue
-        kind, *bounds = rule if isinstance(rule, tuple) else (rule,)
-        if value is None and kind is not bool:
-            continue
-        if kind is int:
-            out[name] = as_int(name, value, *bounds)
-        elif kind is float:
-            out[name] = as_float(name, value, *bounds)
-        elif kind is bool:
-            out[name] = as_bool(name, value)
-        elif kind is list:
-            out[name] = as_int_list(name, value)
-        else:
-            out[name] = str(value)
-    return out

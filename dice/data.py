@@ -2,7 +2,7 @@
 
 A data source is a .jsonl file (read here, so that an error names file:line), a .json file of JSON lines (the official
 DICE data files; read the same way), a .json list of objects, a .parquet file, a folder saved with datasets'
-`save_to_disk`, or a hub dataset id with a split (the last four read by `datasets`). Prompts are strings (one user
+`save_to_disk`, or a hub dataset id with a split (the last three read by `datasets`). Prompts are strings (one user
 turn) or chat messages; preference pairs come as strings, in TRL's conversational format or as full conversations.
 """
 import hashlib
@@ -39,7 +39,9 @@ def read_rows(source, split="train"):
     try:
         if lower.endswith(".jsonl") or (lower.endswith(".json") and _first_char(source) != "["):
             yield from ((f"{source}:{i}", row) for i, row in read_jsonl(source))
-        elif lower.endswith((".json", ".parquet")) or os.path.isdir(source):
+        elif lower.endswith(".json"):  # a list: json.load (datasets' JSON reader rounds floats to 12 digits)
+            yield from _read_json_list(source)
+        elif lower.endswith(".parquet") or os.path.isdir(source):
             yield from ((f"{source}: row {i}", row) for i, row in enumerate(_load_dataset(source, split)))
         elif os.path.isfile(source) or source.startswith((".", "/", "~")):
             raise DiceError(f"cannot read {source}: expected a .jsonl, .json or .parquet file, a dataset folder "
@@ -62,6 +64,20 @@ def _first_char(path):
     return ""
 
 
+def _read_json_list(source):
+    try:
+        with open(source, encoding="utf-8") as f:
+            rows = json.load(f)
+    except OSError as e:
+        raise DiceError(f"cannot read {source}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise DiceError(f"{source}:{e.lineno}: bad JSON ({e.msg})") from None
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise DiceError(f"{source}: item {i}: expected a JSON object, got {type(row).__name__}")
+        yield f"{source}: item {i}", row
+
+
 def split_of(source, split):
     """The split that names `source`'s rows: None for a file (a file has no splits, so --split is not part of its
     output's identity), `split` for a dataset folder or a hub id, where it is required."""
@@ -73,14 +89,13 @@ def split_of(source, split):
 
 
 def _load_dataset(source, split):
-    """A .json list or .parquet file, a save_to_disk folder (its `split` when it holds several) or a hub dataset."""
+    """A .parquet file, a save_to_disk folder (its `split` when it holds several) or a hub dataset."""
     import datasets
 
     datasets.disable_progress_bars()  # a stage prints its own progress; stderr is for one-line errors
     try:
         if os.path.isfile(source):
-            kind = "json" if source.lower().endswith(".json") else "parquet"
-            return datasets.load_dataset(kind, data_files=source, split="train")
+            return datasets.load_dataset("parquet", data_files=source, split="train")
         if os.path.isdir(source):
             data = datasets.load_from_disk(source)
             return data[split] if isinstance(data, datasets.DatasetDict) else data
