@@ -5,7 +5,7 @@
     alpha, write the pairs, its two histograms, stats.txt, the LLaMA-Factory copy and the sweep), each started by
     subprocess and timed from start to exit, interpreter and imports included;
   - core only: the alpha scan plus the pairs at the chosen alpha, from data already in memory (their per-sample
-    DataFrames; our records as read_scores returns them).
+    DataFrames; our records as pairs_io.read_scores returns them).
 
     nice python bench/bench_build_pairs.py                                  # 10k prompts x 16 responses
     nice python bench/bench_build_pairs.py --prompts 1000 --whole_process false   # a quick look, core only
@@ -41,12 +41,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from dice import (  # noqa: E402
-    DiceError,  # noqa: E402
-    cli,
-    data,
-    protocol,
-)
+from dice import DiceError, cli, data, pairs_io, protocol  # noqa: E402
 
 bp = cli.load_script("03_build_pairs")
 
@@ -54,7 +49,7 @@ bp = cli.load_script("03_build_pairs")
 # ----------------------------------------------------------------------------- synthetic input
 
 def synthetic(n_prompts, k, seed):
-    """Records as 03's read_scores returns them."""
+    """Records as pairs_io.read_scores returns them."""
     rng = np.random.default_rng(seed)
     base = "".join(rng.choice(list("abcdefghij klmnopqrst uvwxyz.,"), size=4096))
     lengths = rng.integers(50, 2001, size=(n_prompts, k))
@@ -90,7 +85,7 @@ def save_official_scores(records, folder):
 
 def ours(records, min_valid):
     """03's rule from in-memory records: filter, table, the alpha scan, the pairs at the chosen alpha."""
-    records, table, _ = bp.usable_prompts(records, min_valid)
+    records, table, _ = pairs_io.usable_prompts(records, min_valid)
     alpha, sweep = bp.sweep_alpha(table)
     chosen, rejected, tie, identical = bp.select(table, alpha)
     pairs = {records[i]["prompt"]: (records[i]["responses"][chosen[i]], records[i]["responses"][rejected[i]])
@@ -258,19 +253,18 @@ def main(
     """Time 03's pair building against the official approach, as whole processes and in memory.
 
     Args:
-        prompts: synthetic prompts.
-        k: responses per prompt.
-        min_valid: 03's --min_valid (the paper's n_least_score 8).
-        seed: seed of the synthetic data.
-        repeats: timed runs of ours, per measure (the best is reported, all are printed).
-        official_repeats: timed runs of the official approach, per measure.
+        prompts: synthetic prompts (>= 2)
+        k: responses per prompt (>= 2)
+        min_valid: 03's --min_valid (the paper's n_least_score 8) (>= 2)
+        seed: seed of the synthetic data (>= 0)
+        repeats: timed runs of ours, per measure (the best is reported, all are printed) (>= 1)
+        official_repeats: timed runs of the official approach, per measure (>= 1)
         whole_process: also time both as whole processes (subprocesses reading and writing files).
         write_scores: only write the synthetic data as a scores.jsonl to this path (input for a smoke run).
         official_run: internal: run the official approach as a process on this folder of per-sample score files.
         official_out: internal: the folder that official run writes into.
     """
-    a = cli.legacy_convert(locals(), {"prompts": (int, 2), "k": (int, 2), "min_valid": (int, 2), "seed": (int, 0),
-                                  "repeats": (int, 1), "official_repeats": (int, 1), "whole_process": bool})
+    a = vars(cli.flags(main, locals()))
     if a["official_run"]:
         return official_process(a["official_run"], a["official_out"], a["min_valid"])
     records = synthetic(a["prompts"], a["k"], a["seed"])

@@ -8,7 +8,7 @@ import random
 import pytest
 
 from conftest import load_script, run_script
-from dice import DiceError, data, protocol
+from dice import DiceError, data, pairs_io, protocol
 
 bp = load_script("03_build_pairs")
 
@@ -194,14 +194,14 @@ def test_min_valid_drops_prompts_with_too_few_usable_responses(tmp_path):
 
 
 def test_equal_maxima_and_minima_pick_the_first_index():
-    table = bp.make_table([dict(responses=["a", "b", "c", "d"], rewards=[1.0, 0.0, 1.0, 0.0], valid=[True] * 4)])
+    table = pairs_io.make_table([dict(responses=["a", "b", "c", "d"], rewards=[1.0, 0.0, 1.0, 0.0], valid=[True] * 4)])
     chosen, rejected, tie, identical = bp.select(table, 0.0)
     assert (chosen[0], rejected[0], tie[0], identical[0]) == (0, 1, False, False)
 
 
 def test_text_ids_mark_identical_texts_only():
     # equal lengths are compared text by text; a ragged row's padding never counts as a text
-    table = bp.make_table([dict(responses=["ab", "cd", "ab", "xyz"], rewards=[0.0] * 4, valid=[True] * 4),
+    table = pairs_io.make_table([dict(responses=["ab", "cd", "ab", "xyz"], rewards=[0.0] * 4, valid=[True] * 4),
                            dict(responses=["a", "bb"], rewards=[0.0] * 2, valid=[True] * 2),
                            dict(responses=["", "", "c"], rewards=[0.0] * 3, valid=[True] * 3)])
     assert table["text_id"][0].tolist() == [0, 1, 0, 3]
@@ -221,7 +221,7 @@ def test_ties_and_identical_texts_are_dropped_and_counted(tmp_path):
 def test_shaping_can_create_a_tie_at_one_alpha(tmp_path):
     # 0.5 - 0.1 * 5 == 0.0 - 0.1 * 0 exactly (0.1 * 5 rounds to 0.5): a tie at alpha 0.1, a pair at other alphas
     rows = [srow("t", ["abcde", ""], [0.5, 0.0]), srow("u", ["ab", "abc"], [1.0, 0.0])]
-    table = bp.make_table(bp.read_scores(write(tmp_path / "s.jsonl", rows)))
+    table = pairs_io.make_table(pairs_io.read_scores(write(tmp_path / "s.jsonl", rows)))
     assert list(bp.select(table, 0.1)[2]) == [True, False]
     assert list(bp.select(table, 0.05)[2]) == [False, False]
     pairs, stats = build(tmp_path, rows, min_valid=2, alpha=0.1)
@@ -247,7 +247,8 @@ def scan_case():
 
 
 def test_alpha_scan_stopping_rule():
-    table = bp.make_table([dict(responses=r["responses"], rewards=r["rewards"], valid=r["valid"]) for r in scan_case()])
+    table = pairs_io.make_table([dict(responses=r["responses"], rewards=r["rewards"], valid=r["valid"])
+                                 for r in scan_case()])
     alpha, sweep = bp.sweep_alpha(table)
     # |mean| 100, 100, 33.3, 33.3, 33.3 (equal: no stop) ... 33.3 at 0.015, 100 at 0.016 (larger: stop there);
     # the smallest |mean| is first reached at 0.002
@@ -260,7 +261,7 @@ def test_alpha_scan_stopping_rule():
 def test_alpha_scan_without_a_stop_runs_to_0_999_and_keeps_the_first_minimum():
     # one prompt whose pair flips at alpha 0.0015: |mean| is 10 everywhere, never larger than the smallest seen
     rows = [srow("p", ["s" * 10, "l" * 20], [0.0, 0.015])]
-    table = bp.make_table([dict(responses=r["responses"], rewards=r["rewards"], valid=r["valid"]) for r in rows])
+    table = pairs_io.make_table([dict(responses=r["responses"], rewards=r["rewards"], valid=r["valid"]) for r in rows])
     alpha, sweep = bp.sweep_alpha(table)
     assert alpha == 0.0 and len(sweep) == 1000 and sweep[-1][0] == 0.999
     assert [d for _, d in sweep[:3]] == [10, 10, -10]
@@ -277,7 +278,7 @@ def test_alpha_scan_through_main(tmp_path):
 def test_vectorised_rule_matches_the_per_prompt_reference(tmp_path, seed):
     rows = random_rows(seed)
     want_alpha, want_sweep = reference_alpha(rows, 3)
-    _, table, _ = bp.usable_prompts(bp.read_scores(write(tmp_path / "s.jsonl", rows)), 3)
+    _, table, _ = pairs_io.usable_prompts(pairs_io.read_scores(write(tmp_path / "s.jsonl", rows)), 3)
     alpha, sweep = bp.sweep_alpha(table)
     assert (alpha, sweep) == (want_alpha, want_sweep)  # exact: the same float operations in the same order
     pairs, stats = build(tmp_path, rows, min_valid=3)
@@ -391,7 +392,7 @@ def test_too_few_offline_pairs_is_an_error(tmp_path):
     with pytest.raises(DiceError, match="too few offline pairs"):
         bp.main(scores=write(tmp_path / "s.jsonl", [srow("q0", ["a", "bb"], [1.0, 0.0])]), out_dir=str(tmp_path / "o2"),
                 offline=off_same, gamma=0.5, min_valid=2, alpha=0)
-    assert os.listdir(tmp_path / "o2") == []  # the folder protocol.stage made for its lock, left empty
+    assert not os.path.exists(tmp_path / "o2")  # the folder protocol.stage made for its lock is gone too
 
 
 def test_replay_keeping_no_generated_pair_is_an_error(tmp_path):
@@ -437,7 +438,7 @@ def test_bad_scores_rows_are_one_line_errors(tmp_path, lines, message):
     scores = write(tmp_path / "s.jsonl", lines)
     with pytest.raises(DiceError, match=message):
         bp.main(scores=scores, out_dir=str(tmp_path / "out"), min_valid=2)
-    assert os.listdir(tmp_path / "out") == []  # the folder protocol.stage made for its lock, left empty
+    assert not os.path.exists(tmp_path / "out")  # the folder protocol.stage made for its lock is gone too
 
 
 def test_bad_offline_rows_are_errors(tmp_path):
@@ -448,6 +449,7 @@ def test_bad_offline_rows_are_errors(tmp_path):
         with pytest.raises(DiceError, match=message):
             bp.main(scores=scores, out_dir=str(tmp_path / "out"), offline=write(tmp_path / "off.jsonl", rows),
                     min_valid=2)
+        assert not os.path.exists(tmp_path / "out")
 
 
 def test_empty_result_is_an_error_and_writes_nothing(tmp_path):
@@ -457,14 +459,15 @@ def test_empty_result_is_an_error_and_writes_nothing(tmp_path):
     with pytest.raises(DiceError, match="1 ties"):
         bp.main(scores=write(tmp_path / "s.jsonl", [srow("p", ["a", "b"], [1.0, 1.0])]), out_dir=str(tmp_path / "out"),
                 min_valid=2)
-    assert os.listdir(tmp_path / "out") == []
+    assert not os.path.exists(tmp_path / "out")
 
 
 @pytest.mark.parametrize("kw, message", [
-    (dict(alpha="often"), "--alpha must be auto or a number >= 0, got 'often'"),
+    (dict(alpha="often"), "--alpha must be float | auto, got 'often'"),
     (dict(alpha=-0.1), "--alpha must be auto or a number >= 0, got -0.1"),
     (dict(alpha=0.01, length_control=False), "contradicts --length_control false"),
-    (dict(min_valid=1), "--min_valid must be >= 2"), (dict(length_control="maybe"), "--length_control must be true"),
+    (dict(min_valid=1), "--min_valid must be >= 2"),
+    (dict(length_control="maybe"), "--length_control must be a bool, got 'maybe'"),
 ])
 def test_bad_arguments(tmp_path, kw, message):
     scores = write(tmp_path / "s.jsonl", [srow("p", ["a", "b"], [1.0, 0.0])])
@@ -574,17 +577,15 @@ def test_an_overwrite_that_dies_midway_leaves_nothing_that_counts_as_finished(tm
     assert json.load(open(marker))["args"]["seed"] == 8
 
 
-@pytest.mark.parametrize("where", ["save_plots", "_plot_when_told"])
-def test_a_failing_plot_process_publishes_nothing(tmp_path, monkeypatch, where):
+def test_a_failing_plot_publishes_nothing(tmp_path, monkeypatch):
     def broken(*args):
         raise RuntimeError("no plots today")
 
-    # the plot process is forked: it runs the patched function, failing while drawing or before it reads the job
-    monkeypatch.setattr(bp, where, broken)
+    monkeypatch.setattr(bp, "pair_figures", broken)
     scores = write(tmp_path / "s.jsonl", scan_case())
-    with pytest.raises(DiceError, match="the plot process failed"):
+    with pytest.raises(RuntimeError, match="no plots today"):
         bp.main(scores=scores, out_dir=str(tmp_path / "out"), min_valid=2)
-    assert not {"pairs.jsonl", "pairs.jsonl.done.json"} & set(os.listdir(tmp_path / "out"))
+    assert not {"pairs.jsonl", "pairs.jsonl.done.json", "pairs.jsonl.tmp"} & set(os.listdir(tmp_path / "out"))
 
 
 def test_cli_bad_input_is_one_line_with_file_and_line(tmp_path):
@@ -592,7 +593,84 @@ def test_cli_bad_input_is_one_line_with_file_and_line(tmp_path):
     proc = run_script(["python", "03_build_pairs.py", "--scores", scores, "--out_dir", tmp_path / "out"], check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: {scores}:2: bad JSON (Expecting property name enclosed in double quotes)"
-    assert os.listdir(tmp_path / "out") == []
+    assert not os.path.exists(tmp_path / "out")
+
+
+@pytest.mark.parametrize("case, message", [
+    ("malformed line", "scores.jsonl:5: bad JSON"),
+    ("too few valid responses", "no pairs left: 4 prompts, 4 with fewer than --min_valid 3 usable responses"),
+    ("bad offline pairs", "off.jsonl:1: missing field 'rejected'"),
+])
+def test_cli_one_line_errors_leave_no_folder_behind(tmp_path, case, message):
+    rows = [srow(f"q{i}", ["a", "bb"], [1.0, 0.0]) for i in range(4)] + (["{oops"] if case == "malformed line" else [])
+    scores = write(tmp_path / "scores.jsonl", rows)
+    pairs = [dict(prompt=f"o{i}", chosen="c", rejected="r") for i in range(4)]
+    off = write(tmp_path / "off.jsonl", [dict(prompt="o", chosen="c")] if case == "bad offline pairs" else pairs)
+    out = tmp_path / "runs" / "round_1" / "pairs"  # three folders that do not exist yet
+    proc = run_script(["python", "03_build_pairs.py", "--scores", scores, "--out_dir", out, "--offline", off,
+                       "--min_valid", "3" if case == "too few valid responses" else "2"], check=False)
+    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1 and message in proc.stderr, proc.stderr
+    assert not os.path.exists(tmp_path / "runs")
+
+
+def test_cli_misspelt_flag_is_one_line_and_touches_nothing_also_when_done_already(tmp_path):
+    scores = write(tmp_path / "scores.jsonl", scan_case())
+    out = tmp_path / "pairs"
+    cmd = ["python", "03_build_pairs.py", "--scores", scores, "--out_dir", out, "--min_valid", "2", "--plots", "false"]
+    typo = "error: unknown flag --gama (did you mean --gamma?); see --help\n"
+    proc = run_script(cmd + ["--gama", "0.3"], check=False)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (2, "", typo)
+    assert not os.path.exists(out)
+    run_script(cmd)
+    files = {name: ((out / name).read_bytes(), os.stat(out / name).st_mtime_ns) for name in os.listdir(out)}
+    assert sorted(files) == ["pairs.jsonl", "pairs.jsonl.done.json", "stats.json"]
+    proc = run_script(cmd + ["--gama", "0.3"], check=False)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (2, "", typo)
+    assert {name: ((out / name).read_bytes(), os.stat(out / name).st_mtime_ns) for name in os.listdir(out)} == files
+    proc = run_script(["python", "03_build_pairs.py", "--help", "--out_dir", tmp_path / "new"])
+    assert proc.stdout.startswith("usage: python 03_build_pairs.py") and not os.path.exists(tmp_path / "new")
+    assert "--gamma (float; default None)" in proc.stdout and "--alpha (float | auto; default auto)" in proc.stdout
+
+
+def test_the_marker_names_the_policy_behind_the_reference_logps(tmp_path):
+    """04 refuses to train from another model than the one whose log-probs become its reference log-probs: 03's done
+    marker carries, per input, the policy in that input's own done marker (02 wrote it), or None where the input has
+    no marker or its pairs carry no log-probs. pairs.jsonl itself does not change."""
+    scores = write(tmp_path / "scores.jsonl", [srow(f"q{i}", ["a", "bb"], [1.0, 0.0]) for i in range(4)])
+    no_logps = [{k: v for k, v in srow(f"q{i}", ["a", "bb"], [1.0, 0.0]).items() if k != "policy_logps"}
+                for i in range(4)]
+    scores_no_logps = write(tmp_path / "scores_no_logps.jsonl", no_logps)
+    off = write(tmp_path / "off.jsonl", [dict(prompt=f"o{i}", chosen="c", rejected="r", policy_chosen_logps=-1.0,
+                                               policy_rejected_logps=-2.0) for i in range(4)])
+    off_no_logps = write(tmp_path / "off_no_logps.jsonl", [dict(prompt=f"o{i}", chosen="c", rejected="r")
+                                                           for i in range(4)])
+    runs = iter(range(100))
+
+    def built(scores, **kw):
+        out = tmp_path / f"out{next(runs)}"
+        bp.main(scores=scores, out_dir=str(out), min_valid=2, alpha=0, plots=False, **kw)
+        marker = json.load(open(out / "pairs.jsonl.done.json"))
+        return marker["reference_logps_policy"], (out / "pairs.jsonl").read_bytes()
+
+    none = {"scores": None, "offline": None}
+    unmarked, pairs = built(scores, offline=off)
+    assert unmarked == none
+    policy = {"path": "runs/x/round_0/model", "fingerprint": "14b73b3c102d7c6c"}
+    def scored_by(path, policy, output=None):  # 02's done marker (the fields read here)
+        protocol.write_json(protocol.done_marker(path), {"stage": "02_score", "inputs": {
+            "policy": policy, "reference": {"path": "runs/x/models/sft", "fingerprint": "0" * 16}},
+            "output": {"path": path, "fingerprint": output or protocol.fingerprint(path)}})
+
+    for path in (scores, off, scores_no_logps, off_no_logps):
+        scored_by(path, policy)
+    assert built(scores, offline=off) == ({"scores": policy, "offline": policy}, pairs)
+    assert built(scores, offline=off, gamma=0)[0] == {"scores": policy, "offline": None}  # no offline pairs
+    assert built(scores, offline=off_no_logps)[0] == {"scores": policy, "offline": None}
+    assert built(scores_no_logps, offline=off)[0] == {"scores": None, "offline": policy}
+    protocol.write_json(protocol.done_marker(off), {"stage": "02_score", "inputs": {}})  # a marker without a policy
+    assert built(scores, offline=off)[0] == {"scores": policy, "offline": None}
+    scored_by(off, policy, output="0123456789abcdef")  # a stale marker: it vouches for another file
+    assert built(scores, offline=off)[0] == {"scores": policy, "offline": None}
 
 
 def test_cli_fixed_alpha_and_no_length_control(tmp_path):

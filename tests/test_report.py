@@ -12,7 +12,7 @@ import pytest
 import node_check
 import report
 from conftest import run_script
-from dice import protocol
+from dice import protocol, trackers
 
 COMMAND = ("alpaca_eval --model_outputs {o}round_{t}/alpaca_eval/model_outputs.json --annotators_config {a} "
            "--output_path {o}round_{t}/alpaca_eval")
@@ -22,8 +22,8 @@ HEADER = (",win_rate,standard_error,n_wins,n_wins_base,n_draws,n_total,discrete_
 
 def finish(path, **record):
     """A done marker for a hand-made output, as protocol.stage writes it (the fields the tools read)."""
-    protocol.write_json(protocol.done_marker(path), {"output": {"path": str(path), "fingerprint": protocol.fingerprint(path)},
-                                                 **record})
+    output = {"path": str(path), "fingerprint": protocol.fingerprint(path)}
+    protocol.write_json(protocol.done_marker(path), {"output": output, **record})
 
 
 def write_jsonl(path, rows, done=True, **record):
@@ -164,6 +164,15 @@ def test_bad_flags_are_one_line(tmp_path):
     (tmp_path / "round_0").mkdir()
     proc = run_script(["python", "tools/report.py", "--out", tmp_path, "--paper", "gpt4"], check=False)
     assert proc.returncode == 2 and "--paper must be one of llama3-8b, zephyr-7b" in proc.stderr
+    proc = run_script(["python", "tools/report.py", "--out", tmp_path, "--plot", "false"], check=False)
+    assert (proc.returncode, proc.stdout) == (2, "")
+    assert proc.stderr == "error: unknown flag --plot (did you mean --plots?); see --help\n"
+    proc = run_script(["python", "tools/report.py", "--plots", "false"], check=False)
+    assert (proc.returncode, proc.stderr) == (2, "error: --out is required; see --help\n")
+    proc = run_script(["python", "tools/report.py", "--help", "--out", tmp_path])
+    assert proc.stdout.startswith("usage: python report.py") and "--paper (llama3-8b | zephyr-7b; default None)" \
+        in proc.stdout
+    assert os.listdir(tmp_path) == ["round_0"]  # nothing written by any of them
 
 
 # ----------------------------------------------------------------------------- --report_to
@@ -224,7 +233,7 @@ def test_wandb_and_trackio_get_the_figures_and_a_missing_or_failing_one_is_a_not
     monkeypatch.setitem(sys.modules, "wandb", wandb)
     monkeypatch.setenv("WANDB_PROJECT", "dice")
     steps = [(0, {"judge_rm/mean_reward": 0.5}), (1, {"eval/accuracy": 0.75})]
-    assert report.report_to_trackers(["wandb"], str(tmp_path), "demo-report", steps) == \
+    assert trackers.report_to_trackers(["wandb"], str(tmp_path), "demo-report", steps) == \
         ["logged 2 rounds to wandb: run demo-report"]
     assert calls == [("wandb.init", {"project": "dice", "name": "demo-report", "job_type": "report",
                                      "dir": str(tmp_path / "runs")}),
@@ -235,7 +244,7 @@ def test_wandb_and_trackio_get_the_figures_and_a_missing_or_failing_one_is_a_not
                                     log=lambda figures, step: calls.append(("log", step, figures)),
                                     finish=lambda: calls.append(("finish",)))
     monkeypatch.setitem(sys.modules, "trackio", trackio)
-    report.report_to_trackers(["trackio"], str(tmp_path), "demo-report", steps)
+    trackers.report_to_trackers(["trackio"], str(tmp_path), "demo-report", steps)
     assert calls == [("init", {"project": "huggingface", "name": "demo-report"}),
                      ("log", 0, {"judge_rm/mean_reward": 0.5}), ("log", 1, {"eval/accuracy": 0.75}), ("finish",)]
 
@@ -244,10 +253,10 @@ def test_wandb_and_trackio_get_the_figures_and_a_missing_or_failing_one_is_a_not
 
     monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=no_login))
     monkeypatch.setitem(sys.modules, "trackio", None)  # not installed
-    assert report.report_to_trackers(report.tracker_names("wandb, trackio"), str(tmp_path), "r", steps) == [
+    assert trackers.report_to_trackers(trackers.tracker_names("wandb, trackio"), str(tmp_path), "r", steps) == [
         "note: --report_to wandb failed: api_key not configured (no-tty)",
         "note: --report_to trackio: trackio is not installed; nothing logged there"]
-    assert report.tracker_names("none") == [] and report.tracker_names(("tensorboard", "WandB")) == \
+    assert trackers.tracker_names("none") == [] and trackers.tracker_names(("tensorboard", "WandB")) == \
         ["tensorboard", "wandb"]
 
 
