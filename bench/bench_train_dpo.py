@@ -27,6 +27,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data", "gpt4_prefs_small.jsonl")
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tools")]
+from dice import cli  # noqa: E402
 
 
 def short_pairs(n):
@@ -74,13 +75,23 @@ def run(name, model, pairs, out, steps, batch, extra):
             "ref_model": record["reference_model_in_memory"], "train_loss": record["train_loss"]}
 
 
-def main(steps=6, batch=2, pairs=12, repeats=1):
+def main(steps: int = 6, batch: int = 2, pairs: int = 12, repeats: int = 1):
+    """Time 04_train_dpo.py with reused reference log-probs against TRL's reference forward and TRL's precompute.
+
+    Args:
+        steps: optimizer steps per run (>= 1)
+        batch: pairs per step (>= 1)
+        pairs: the shortest N shared GPT-4-judged pairs trained on (>= 1)
+        repeats: runs of each arm (>= 1)
+    """
+    args = cli.flags(main, locals())
+    steps, batch, repeats = args.steps, args.batch, args.repeats
     import smollm2
 
     if not os.path.exists(SHARED):
         sys.exit(f"{SHARED} is absent: this benchmark reads the shared GPT-4-judged pairs")
     model = smollm2.build()
-    rows = short_pairs(int(pairs))
+    rows = short_pairs(args.pairs)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.time()
         chosen, rejected = reference_logps(model, rows)
@@ -96,9 +107,9 @@ def main(steps=6, batch=2, pairs=12, repeats=1):
                 ("TRL precompute", plain, ["--reuse_ref_logps", "False"]),
                 ("reuse scored log-probs", scored, [])]
         results = []
-        for k in range(int(repeats)):
+        for k in range(repeats):
             for i, (name, path, extra) in enumerate(arms):
-                results.append(run(name, model, path, os.path.join(tmp, f"out{k}_{i}"), int(steps), int(batch), extra))
+                results.append(run(name, model, path, os.path.join(tmp, f"out{k}_{i}"), steps, batch, extra))
                 print(json.dumps(results[-1]), flush=True)
 
     base = [r["train_runtime"] for r in results if r["name"].startswith("default")]
@@ -117,6 +128,4 @@ def main(steps=6, batch=2, pairs=12, repeats=1):
 
 
 if __name__ == "__main__":
-    import fire
-
-    fire.Fire(main)
+    cli.run(main)

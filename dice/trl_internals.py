@@ -1,24 +1,37 @@
-"""Every use of TRL's private internals, in one place, each checked against the TRL version below.
+"""TRL as the stages drive it, every use of its private internals in this one module, pinned to the version below.
 
-The stages compute log-probs exactly as TRL's DPOTrainer does, and stage 4 feeds it reference log-probs it already
-has. Both reach past TRL's public API; tests/test_trl_internals.py fails when an installed TRL differs from
-TRL_VERSION or when one of these internals moves, so a TRL upgrade is a deliberate act:
+02 computes log-probs exactly as TRL's DPOTrainer does, and 04 feeds DPOTrainer reference log-probs it already has.
+Both reach past TRL's public API; tests/test_trl_internals.py fails when the installed TRL differs from TRL_VERSION or
+when one of these internals moves, so a TRL upgrade is a deliberate act (checked against TRL 1.16.0):
   - trl.trainer.utils.add_fused_lm_head, the model's `fused_lm_head=True` forward and its `log_probs` output: the
     chunked LM head TRL sums completion log-probs with (02's scoring uses it, so its numbers are TRL's);
   - trl.trainer.utils._use_triton: asked to say yes on every device, so the fused head projects only completion
     positions (02, faster on CPUs, same values);
-  - DPOTrainer._precompute_ref_logps, trl.trainer.dpo_trainer.hash_module and DPOTrainer._precompute_model_hash:
-    overridden / patched so that reference log-probs already in the dataset are used as they are (04).
+  - DPOTrainer._precompute_ref_logps(dataset, name, batch_size), overridden so that reference log-probs already in
+    the dataset are used as they are, and trl.trainer.dpo_trainer.hash_module, patched while DPOTrainer.__init__ sets
+    _precompute_model_hash (04's DiceDPOTrainer);
+  - the columns of DPOTrainer's tokenized datasets (prompt_ids, chosen_ids, rejected_ids), read for 04's counts, and
+    its precompute cache, a file beside the dataset's own (hence 04's datasets on disk: `to_dataset`);
+  - transformers' Trainer writes a checkpoint's trainer_state.json last (`latest_checkpoint`, `work_folder`).
+04's command line meets DPOConfig here too: its field names (`dpo_config_fields`, for cli.run), their values typed by
+transformers' HfArgumentParser (`dpo_options`), and the DPOConfig itself (`dpo_config`).
 """
 import contextlib
 import functools
+import json
+import os
+import shutil
+import time
 from unittest import mock
 
 from dice import DiceError
 
 TRL_VERSION = "1.16.0"  # the version every internal below was read from and tested against
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
+TOKENIZED_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")  # TRL 1.16.0 internal: DPOTrainer's tokenized rows
 
+
+# ----------------------------------------------------------------------------- 02: TRL's log-probs
 
 @contextlib.contextmanager
 def completion_positions_only():
@@ -28,7 +41,7 @@ def completion_positions_only():
     the private switch moves in another TRL version, TRL's own choice stays (slower, equally exact)."""
     import trl.trainer.utils as trl_utils
 
-    original = getattr(trl_utils, "_use_triton", None)
+    original = getattr(trl_utils, "_use_triton", None)  # TRL 1.16.0 internal: _use_triton(device) -> bool
     if original is None:
         yield
         return
@@ -56,7 +69,7 @@ def batch_logps(model, seqs, pad_id, device, autocast_dtype=None):
     labels = input_ids.masked_fill(completion_mask == 0, -100)
     autocast = (torch.autocast(torch.device(device).type, dtype=autocast_dtype) if autocast_dtype is not None
                 else contextlib.nullcontext())
-    with torch.inference_mode(), autocast, completion_positions_only():
+    with torch.inference_mode(), autocast, completion_positions_only():  # TRL 1.16.0: the fused head's forward
         out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True,
                     use_cache=False)
         per_token = out.log_probs[:, -(width - 1):]
@@ -65,7 +78,7 @@ def batch_logps(model, seqs, pad_id, device, autocast_dtype=None):
 
 def load_scorer(path, dtype, device, trust_remote_code):
     """A model ready for batch_logps: safe loading (models.load_model) plus TRL's fused LM head."""
-    from trl.trainer.utils import add_fused_lm_head
+    from trl.trainer.utils import add_fused_lm_head  # TRL 1.16.0 internal (not exported by `trl`)
 
     from dice import models
 
@@ -74,12 +87,108 @@ def load_scorer(path, dtype, device, trust_remote_code):
     return model
 
 
+# ----------------------------------------------------------------------------- 04: DPOConfig from the command line
+
+# DPOConfig fields 04 owns (as extra options they would fight with its own flags), and the --resume of old versions.
+RESERVED_OPTIONS = {
+    "output_dir": "checkpoints go to OUT.work/ beside --out",
+    "resume_from_checkpoint": "a stopped run resumes by itself when rerun with the same arguments",
+    "resume": "a stopped run resumes by itself when rerun with the same arguments",
+    "model_init_kwargs": "the model is loaded by this script (safetensors only)",
+    **dict.fromkeys(("hub_strategy", "hub_always_push", "hub_revision"),
+                    "--push_to_hub uploads the published folder once it is complete (to --hub_model_id)"),
+    "hub_token": "log in with `hf auth login` or set HF_TOKEN (--push_to_hub uses huggingface_hub's upload_folder)",
+}
+
+
+def dpo_config_fields(reserved=True):
+    """The other flags 04 takes (cli.run's extra_flags): DPOConfig's fields, and the reserved names (refused with their
+    reason by dpo_options). Imports TRL, so cli.run calls it only when such a flag is given."""
+    import dataclasses
+
+    from trl import DPOConfig
+
+    return [f.name for f in dataclasses.fields(DPOConfig) if f.init] + (list(RESERVED_OPTIONS) if reserved else [])
+
+
+def dpo_options(options):
+    """The extra command-line options (as fire parsed them) typed as DPOConfig fields by transformers'
+    HfArgumentParser, the parser of TRL's own scripts. Reserved names, unknown names (with a did-you-mean hint) and
+    bad values are one-line errors."""
+    import difflib
+
+    from transformers import HfArgumentParser
+    from trl import DPOConfig
+
+    for name in options:
+        if name in RESERVED_OPTIONS:
+            raise DiceError(f"--{name} is not accepted: {RESERVED_OPTIONS[name]}")
+    names, strings = dpo_config_fields(reserved=False), []
+    for name, value in options.items():
+        if name not in names:
+            close = difflib.get_close_matches(name, names, n=1)
+            hint = f" (did you mean --{close[0]}?)" if close else ""
+            raise DiceError(f"unknown option --{name}: neither an argument of 04_train_dpo.py nor a DPOConfig "
+                            f"field{hint}")
+        values = value if isinstance(value, (list, tuple)) else [value]  # fire reads 1,2 as a tuple: a list field
+        strings += [f"--{name}", *(json.dumps(v) if isinstance(v, dict) else str(v) for v in values)]
+    parser = HfArgumentParser(DPOConfig)
+
+    def fail(message):  # argparse would print its usage and exit 2
+        raise DiceError(f"invalid training option: {message}")
+
+    parser.error = fail
+    parsed = vars(parser.parse_args(strings))
+    return {name: parsed[name] for name in options}
+
+
+def dpo_config(extra, **fields):
+    """DPOConfig(**fields) with the extra options (dpo_options) over them; a bad value is one line. bf16 "auto" = bf16
+    on a CUDA device that supports it, fp32 elsewhere (and never with fp16). Several processes without a GPU (torchrun,
+    accelerate launch) are joined into one run (DDP on gloo) only with use_cpu; without it each process would train
+    alone on all the data."""
+    import torch
+    from trl import DPOConfig
+
+    fields = {**fields, **extra}
+    if fields.get("fp16"):
+        fields["bf16"] = False
+    elif fields["bf16"] == "auto":
+        fields["bf16"] = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        fields.setdefault("use_cpu", True)
+    try:
+        return DPOConfig(**fields)
+    except (ValueError, TypeError) as e:
+        raise DiceError(f"invalid training options: {str(e).splitlines()[0]}") from None
+
+
+# ----------------------------------------------------------------------------- 04: DPOTrainer with supplied log-probs
+
+def to_dataset(rows, reuse_ref_logps, folder, main_process=True):
+    """The rows as a datasets.Dataset written to `folder` by the main process (anew) and loaded back by every process;
+    the reference columns only where they will be used; None for no rows. On disk, not in memory: TRL's precompute
+    caches its results beside the dataset's files and every process reads them there (an in-memory dataset's cache
+    lives in a per-process temporary folder the others cannot see)."""
+    from datasets import Dataset, load_from_disk
+
+    if not rows:
+        return None
+    keep = ["prompt", "chosen", "rejected"]
+    if reuse_ref_logps and any(r[REF_COLUMNS[0]] is not None for r in rows):
+        keep += list(REF_COLUMNS)
+    if main_process:  # TRL 1.16.0 internal: _precompute_ref_logps caches at dataset._get_cache_file_path(...)
+        shutil.rmtree(folder, ignore_errors=True)  # a resumed run's rows are written again
+        Dataset.from_list([{k: r[k] for k in keep} for r in rows]).save_to_disk(folder)
+    return load_from_disk(folder)
+
+
 def rows_needing_ref_logps(dataset, max_length):
     """Indices of tokenized rows whose reference log-probs must be computed: no supplied value, or a sequence that
     training truncates (the supplied value covers the whole response, the training loss only the kept part)."""
     supplied = REF_COLUMNS[0] in dataset.column_names
     chosen = dataset[REF_COLUMNS[0]] if supplied else [None] * len(dataset)
-    prompt, chosen_ids, rejected_ids = dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"]
+    prompt, chosen_ids, rejected_ids = (dataset[c] for c in TOKENIZED_COLUMNS)
     return [
         i for i in range(len(dataset))
         if chosen[i] is None
@@ -98,25 +207,25 @@ def dice_dpo_trainer():
 
         TRL reads `ref_chosen_logps`/`ref_rejected_logps` from the batch only with precompute_ref_log_probs=True, and
         its __init__ then recomputes every row with `_precompute_ref_logps` (which fails on the existing columns). This
-        subclass overrides that private method (TRL pinned to 1.16.0; tests/test_train_dpo.py checks the behaviour):
+        subclass overrides that private method (TRL pinned to TRL_VERSION; tests/test_trl_internals.py checks it):
         only rows that lack values, or that training truncates, go through TRL's precompute; the others keep theirs.
-        TRL's hash of every weight (its precompute cache key) is taken only when a precompute actually runs.
+        TRL's hash of every weight (the model half of its precompute cache key, `_precompute_model_hash`) is skipped:
+        04 writes its datasets anew in the run's own folder (to_dataset), so the cache found there is this run's.
         """
 
         def __init__(self, *args, **kwargs):
             self.ref_logps_counts = {}
+            # TRL 1.16.0 internal: __init__ sets _precompute_model_hash = hash_module(model) (every weight, hashed)
             with mock.patch.object(trl_dpo, "hash_module", lambda module: None):
                 super().__init__(*args, **kwargs)
 
-        def _precompute_ref_logps(self, dataset, name, batch_size):
+        def _precompute_ref_logps(self, dataset, name, batch_size):  # TRL 1.16.0 internal, same signature
             if len(dataset) == 0:
                 raise DiceError(f"no {name} pair is left: TRL drops pairs whose prompt alone is >= max_length tokens")
             todo = rows_needing_ref_logps(dataset, self.args.max_length)
             self.ref_logps_counts[name] = {"supplied": len(dataset) - len(todo), "computed": len(todo)}
             if not todo:
                 return dataset
-            if self._precompute_model_hash is None:  # the reference is the untrained policy itself
-                self._precompute_model_hash = trl_dpo.hash_module(self.model)
             present = [c for c in REF_COLUMNS if c in dataset.column_names]
             if len(todo) == len(dataset):
                 return super()._precompute_ref_logps(dataset.remove_columns(present), name, batch_size)
@@ -131,3 +240,54 @@ def dice_dpo_trainer():
             return dataset
 
     return DiceDPOTrainer
+
+
+def preparation(trainer, n_pairs, n_train, n_eval, started):
+    """What the trainer made of the pairs, for the record: pairs read, held out, dropped by TRL (prompt alone >=
+    max_length) and truncated per split; where the reference log-probs come from; whether a reference model is held;
+    the seconds since `started` (tokenization and precompute)."""
+    max_length, counts = trainer.args.max_length, {"pairs": n_pairs, "train": n_train, "eval": n_eval}
+    for split, dataset, n in (("train", trainer.train_dataset, n_train), ("eval", trainer.eval_dataset, n_eval)):
+        if dataset is None:
+            continue
+        if len(dataset) == 0:
+            raise DiceError(f"no {split} pair is left: TRL drops pairs whose prompt alone is >= max_length "
+                            f"({max_length}) tokens")
+        lengths = zip(*(dataset[c] for c in TOKENIZED_COLUMNS))
+        counts[f"{split}_dropped_long_prompt"] = n - len(dataset)
+        counts[f"{split}_truncated"] = sum(len(p) + max(len(c), len(r)) > max_length for p, c, r in lengths)
+    online = not trainer.args.precompute_ref_log_probs
+    return {"counts": counts, "reference_model_in_memory": trainer.ref_model is not None,
+            "reference_logps": "reference model forward at every step" if online else trainer.ref_logps_counts,
+            "prepare_seconds": round(time.time() - started, 3)}
+
+
+@contextlib.contextmanager
+def work_folder(st):
+    """OUT.work/, the Trainer's output_dir (checkpoints, the datasets, TensorBoard's runs/), which `st.work` resumes or
+    starts. A run that fails before its first complete checkpoint removes the folder it made: nothing to resume."""
+    work = st.out + ".work"
+    made = not os.path.lexists(work)
+    try:
+        yield work
+    except BaseException:
+        if st.main and made and latest_checkpoint(work, main_process=False) is None:
+            shutil.rmtree(work, ignore_errors=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(work + ".args.json")
+        raise
+
+
+def latest_checkpoint(work, main_process=True):
+    """The newest complete checkpoint in `work` (transformers' get_last_checkpoint), or None. The trainer writes
+    trainer_state.json last: a checkpoint without it was cut off by a kill and is removed first (main process)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    # transformers 5.19 internal (Trainer._save_checkpoint): model, optimizer, RNG state, then trainer_state.json
+    if not os.path.isdir(work):
+        return None
+    for name in os.listdir(work):
+        folder = os.path.join(work, name)
+        if main_process and name.startswith("checkpoint-") and not os.path.exists(f"{folder}/trainer_state.json"):
+            shutil.rmtree(folder)
+    return get_last_checkpoint(work)

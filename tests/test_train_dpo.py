@@ -1,12 +1,15 @@
 """Tests of 04_train_dpo.py: DPO with TRL, reusing supplied reference log-probs (tiny offline models, CPU, seconds);
 pairs in every shape users hold, --chat_template inside TRL's tokenization, the model card, the hub upload (replaced:
-nothing reaches the network) and TensorBoard's event files.
+nothing reaches the network), TensorBoard's event files, the command line as a user types it, and the refusal to train
+another model than the one whose log-probs the pairs carry (the one test that runs 02 and 03 before 04).
 
-The supplied log-probs are produced here by TRL 1.16 itself (its own precompute on the same rows), so these tests do
-not depend on 02_score.py. Tolerances: first-step loss vs log 2 and vs known answers 1e-5 (fp32; the only difference
-is the batch padding of the precompute vs the training step, ~1e-6 on a log-prob); reused vs on-the-fly trajectories
-1e-4 per logged value over 4 optimizer steps at a large learning rate.
+The supplied log-probs are produced here by TRL 1.16 itself (its own precompute on the same rows), so the other tests
+do not depend on 02_score.py; dice/trl_internals.py's pins are in tests/test_trl_internals.py. Tolerances: first-step
+loss vs log 2 and vs known answers 1e-5 (fp32; the only difference is the batch padding of the precompute vs the
+training step, ~1e-6 on a log-prob); reused vs on-the-fly trajectories 1e-4 per logged value over 4 optimizer steps
+at a large learning rate.
 """
+import inspect
 import json
 import math
 import os
@@ -16,10 +19,9 @@ import shutil
 import pytest
 
 from conftest import ROOT, load_script, run_script
-from dice import protocol
+from dice import DiceError, cli, protocol, trl_internals
 
 train = load_script("04_train_dpo")
-DiceError = train.DiceError
 
 WORDS = ("the quick brown fox jumps over the lazy dog a language model assigns a probability to every sequence "
          "paris is the capital of france write a short poem about the sea explain why the sky is blue").split()
@@ -93,13 +95,14 @@ def train_logs(metrics):
 @pytest.fixture
 def tokenized(monkeypatch):
     """The train datasets as TRL tokenized them (prompt_ids, chosen_ids, rejected_ids, ...) in this test's runs."""
-    seen, original = [], train.DiceDPOTrainer.train
+    trainer = trl_internals.dice_dpo_trainer()
+    seen, original = [], trainer.train
 
     def spy(self, *args, **kwargs):
         seen.append(self.train_dataset.to_list())
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(train.DiceDPOTrainer, "train", spy)
+    monkeypatch.setattr(trainer, "train", spy)
     return seen
 
 
@@ -152,31 +155,6 @@ def test_split_eval_is_seeded_disjoint_and_checked():
         train.split_eval(rows, 20, seed=3)
 
 
-def test_dpo_options_are_typed_by_hfargumentparser_with_one_line_errors():
-    """Values as fire hands them over (strings, numbers, bools, a tuple for 1,2, a dict) typed by transformers'
-    HfArgumentParser on DPOConfig; errors are DiceErrors, never argparse's usage text and exit."""
-    got = train.dpo_options({"loss_type": ("sigmoid", "ipo"), "gradient_checkpointing": "False", "weight_decay": 0,
-                             "max_grad_norm": 2, "save_only_model": True, "report_to": "wandb",
-                             "gradient_checkpointing_kwargs": {"use_reentrant": False}, "precompute_ref_batch_size": 8,
-                             "loss_weights": (1, 2), "lr_scheduler_type": "cosine"})
-    assert got == {"loss_type": ["sigmoid", "ipo"], "gradient_checkpointing": False, "weight_decay": 0.0,
-                   "max_grad_norm": 2.0, "save_only_model": True, "report_to": "wandb",
-                   "gradient_checkpointing_kwargs": '{"use_reentrant": false}',
-                   "precompute_ref_batch_size": 8, "loss_weights": [1.0, 2.0], "lr_scheduler_type": "cosine"}
-    from trl import DPOConfig
-
-    config = DPOConfig(output_dir="unused", bf16=False, **got)  # DPOConfig itself reads the dict field's JSON
-    assert config.gradient_checkpointing_kwargs == {"use_reentrant": False} and config.loss_weights == [1.0, 2.0]
-    with pytest.raises(DiceError, match=r"unknown option --lerning_rate.*did you mean --learning_rate"):
-        train.dpo_options({"lerning_rate": 1e-6})
-    with pytest.raises(DiceError, match=r"invalid training option: argument --max_grad_norm.*invalid float value"):
-        train.dpo_options({"max_grad_norm": "big"})
-    with pytest.raises(DiceError, match=r"invalid training option: .*--save_only_model.*Truthy value expected"):
-        train.dpo_options({"save_only_model": "maybe"})
-    with pytest.raises(DiceError, match=r"invalid choice: 'constnt'"):
-        train.dpo_options({"lr_scheduler_type": "constnt"})
-
-
 @pytest.mark.parametrize("name", ["output_dir", "resume_from_checkpoint", "model_init_kwargs", "resume", "hub_strategy",
                                   "hub_token"])
 def test_options_this_script_owns_are_refused_before_anything_runs(tmp_path, name):
@@ -193,51 +171,30 @@ def test_push_to_hub_without_a_repo_id_is_refused_before_anything_runs(tmp_path)
     assert os.listdir(tmp_path) == []
 
 
+def checked(**values):
+    """main's flags as cli.flags makes them (the signature's defaults, then `values`), after train.check."""
+    defaults = {n: p.default for n, p in inspect.signature(train.main).parameters.items() if p.default is not p.empty}
+    args = cli.flags(train.main, {**defaults, "options": {}, **values})
+    train.check(args)
+    return args
+
+
 def test_split_counts_only_for_dataset_folders_and_hub_ids(tmp_path):
     """A file has no splits (--split is dropped from the arguments, so it never makes a rerun differ); a folder or
     hub id needs one."""
-    values = dict(model=str(tmp_path), out=str(tmp_path / "o"), split="test", chat_template="", round=None,
-                  beta=0.1, learning_rate=5e-7, lr_scheduler_type="constant", warmup_steps=0, max_steps=1,
-                  per_device_train_batch_size=1, gradient_accumulation_steps=1, max_length=64, eval_size=0,
-                  eval_steps=1, logging_steps=1, save_steps=1, save_total_limit=1, bf16="auto", seed=1,
-                  reuse_ref_logps=True, overwrite=False, keep_checkpoints=False, trust_remote_code=False,
-                  push_to_hub=False, hub_model_id=None, hub_private_repo=False, options={})
+    values = dict(model=str(tmp_path), out=str(tmp_path / "o"), split="test", chat_template="")
     for name in ("p.jsonl", "p.JSON", "p.parquet"):
-        assert train.resolve_args({**values, "pairs": name})["split"] is None
-    args = train.resolve_args({**values, "pairs": "HuggingFaceH4/ultrafeedback_binarized"})
-    assert args["split"] == "test" and args["chat_template"] is None  # "" = the tokenizer's own template
+        assert checked(**values, pairs=name).split is None
+    args = checked(**values, pairs="HuggingFaceH4/ultrafeedback_binarized")
+    assert args.split == "test" and args.chat_template is None  # "" = the tokenizer's own template
     with pytest.raises(DiceError, match="--split is required with a dataset folder or hub dataset id"):
-        train.resolve_args({**values, "pairs": str(tmp_path), "split": ""})
+        checked(**{**values, "split": ""}, pairs=str(tmp_path))
     with pytest.raises(DiceError, match="cannot read chat template"):
-        train.resolve_args({**values, "pairs": "p.jsonl", "chat_template": str(tmp_path / "none.jinja")})
-
-
-def test_rows_needing_ref_logps_flags_missing_and_truncated():
-    from datasets import Dataset
-
-    ref = {"ref_chosen_logps": -1.0, "ref_rejected_logps": -2.0}
-    none = dict.fromkeys(ref)
-    ds = Dataset.from_list([
-        {"prompt_ids": [1, 2], "chosen_ids": [3], "rejected_ids": [4, 5], **ref},
-        {"prompt_ids": [1, 2], "chosen_ids": [3], "rejected_ids": [4], **none},
-        {"prompt_ids": [1, 2], "chosen_ids": [3, 3, 3], "rejected_ids": [4], **ref},
-    ])
-    assert train.rows_needing_ref_logps(ds, max_length=4) == [1, 2]  # row 2: 2 + 3 tokens > 4, truncated
-    assert train.rows_needing_ref_logps(ds, max_length=None) == [1]
-    assert train.rows_needing_ref_logps(ds.remove_columns(list(train.REF_COLUMNS)), max_length=None) == [0, 1, 2]
-
-
-def test_latest_checkpoint_skips_and_removes_incomplete_ones(tmp_path):
-    from transformers.trainer_utils import get_last_checkpoint
-
-    assert train.latest_checkpoint(str(tmp_path / "none")) is None
-    for step, complete in ((2, True), (10, True), (12, False)):
-        os.makedirs(tmp_path / f"checkpoint-{step}")
-        if complete:
-            (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
-    assert get_last_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-12")  # transformers alone takes the cut one
-    assert train.latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-10")
-    assert sorted(os.listdir(tmp_path)) == ["checkpoint-10", "checkpoint-2"]
+        checked(**{**values, "chat_template": str(tmp_path / "none.jinja")}, pairs="p.jsonl")
+    assert checked(**values, pairs="p.jsonl", bf16="False").bf16 is False
+    assert checked(**values, pairs="p.jsonl", bf16="auto").bf16 == "auto"
+    with pytest.raises(DiceError, match="--bf16 must be"):
+        checked(**values, pairs="p.jsonl", bf16="maybe")
 
 
 # ----------------------------------------------------------------------------- DPO behaviour
@@ -319,7 +276,7 @@ def test_no_reference_forward_and_no_reference_model_when_all_rows_supply_logps(
     plain, with_ref, _ = pairs
     import trl.trainer.dpo_trainer as trl_dpo
 
-    assert issubclass(train.DiceDPOTrainer, trl_dpo.DPOTrainer)  # built on first use, reachable as a module attribute
+    assert issubclass(trl_internals.dice_dpo_trainer(), trl_dpo.DPOTrainer)  # built on first use
 
     def forbidden(*args, **kwargs):
         raise AssertionError("a reference forward ran")
@@ -360,12 +317,14 @@ def test_long_pairs_are_truncated_and_counted_and_long_prompts_dropped(tiny_poli
     assert abs(train_logs(metrics)[0]["loss"] - LOG2) < 1e-5
 
 
-def test_every_prompt_too_long_is_a_clear_error(tiny_policy, pairs, tmp_path):
+def test_every_prompt_too_long_is_a_clear_error_that_leaves_nothing_behind(tiny_policy, pairs, tmp_path):
+    """The error comes after the datasets were written into OUT.work/: with no checkpoint to resume, that folder goes
+    too, and so do the folders made for --out."""
     _, _, rows = pairs
     path = write_jsonl(tmp_path / "long.jsonl", [{**r, "prompt": " ".join(["probability"] * 60)} for r in rows[:4]])
     with pytest.raises(DiceError, match="no train pair is left"):
-        run(tiny_policy, path, tmp_path / "out", max_length=32, eval_size=0)
-    assert not os.path.exists(tmp_path / "out")
+        run(tiny_policy, path, tmp_path / "runs" / "round_1" / "model", max_length=32, eval_size=0)
+    assert os.listdir(tmp_path) == ["long.jsonl"]
 
 
 # ----------------------------------------------------------------------------- inputs as users hold them, prompt format
@@ -389,7 +348,7 @@ def test_pairs_in_every_shape_give_the_same_training_data_and_loss(tiny_policy, 
     from datasets import Dataset, DatasetDict
 
     _, with_ref, rows = pairs
-    ref = [{k: r[k] for k in train.REF_COLUMNS} for r in rows]
+    ref = [{k: r[k] for k in trl_internals.REF_COLUMNS} for r in rows]
     trl_rows = [{"prompt": [{"role": "user", "content": r["prompt"]}],
                  "chosen": [{"role": "assistant", "content": r["chosen"]}],
                  "rejected": [{"role": "assistant", "content": r["rejected"]}], **f} for r, f in zip(rows, ref)]
@@ -676,30 +635,37 @@ def test_a_folder_that_is_not_a_finished_output_is_refused_then_replaced_only_wh
 
 def test_rerun_is_done_already_changed_arguments_are_refused_and_overwrite_redoes(tiny_policy, pairs, tmp_path):
     """The stage protocol on a real training run: the same command again is "done already" (exit 0, within seconds:
-    neither torch nor TRL is imported); other arguments are refused with one line; --overwrite redoes the output."""
+    with the script's own flags neither torch nor TRL is imported); other arguments are refused with one line;
+    --overwrite redoes the output."""
     import torch
     from safetensors.torch import load_file
 
     _, with_ref, _ = pairs
     out = tmp_path / "model"
-    first, _ = run(tiny_policy, with_ref, out, max_steps=1)
+    own = {k: v for k, v in {**FAST, "max_steps": 1}.items() if k != "gradient_checkpointing"}  # no DPOConfig option
+
+    def again(**kwargs):
+        train.main(model=tiny_policy, pairs=with_ref, out=str(out), **{**own, **kwargs})
+        return json.load(open(f"{out}.done.json"))
+
+    first = again()
     blocked = tmp_path / "no_torch"  # importing torch or trl here fails: the answer must come before them
     for name in ("torch", "trl", "transformers"):
         (blocked / name).mkdir(parents=True)
         (blocked / name / "__init__.py").write_text(f"raise ImportError('{name} imported')\n")
-    flags = [a for k, v in {**FAST, "max_steps": 1}.items() for a in (f"--{k}", str(v))]
+    flags = [a for k, v in own.items() for a in (f"--{k}", str(v))]
     proc = run_script(["python", "04_train_dpo.py", "--model", tiny_policy, "--pairs", with_ref, "--out", out, *flags],
                       env={"PYTHONPATH": str(blocked)})
     assert proc.stdout.strip() == f"{out}: done already (same arguments and inputs; see {out}.done.json)"
     with pytest.raises(protocol.AlreadyDone):  # --overwrite with the same arguments and inputs: still done
-        run(tiny_policy, with_ref, out, max_steps=1, overwrite=True)
+        again(overwrite=True)
     with pytest.raises(DiceError, match=r"made with other arguments or inputs \(beta: 0.1 -> 0.2\); pass --overwrite"):
-        run(tiny_policy, with_ref, out, max_steps=1, beta=0.2)
+        again(beta=0.2)
     with pytest.raises(DiceError, match=r"\(options: .*\)"):  # the extra DPOConfig fields count too
-        run(tiny_policy, with_ref, out, max_steps=1, weight_decay=0.1)
+        again(weight_decay=0.1)
     assert json.load(open(f"{out}.done.json")) == first
     weights = load_file(out / "model.safetensors")
-    second, _ = run(tiny_policy, with_ref, out, max_steps=1, beta=0.2, overwrite=True)
+    second = again(beta=0.2, overwrite=True)
     assert second["args"]["beta"] == 0.2 and second["output"]["fingerprint"] == protocol.fingerprint(str(out))
     redone = load_file(out / "model.safetensors")
     assert any(not torch.equal(weights[k], redone[k]) for k in weights)  # beta 0.2 moves the weights differently
@@ -745,9 +711,7 @@ def test_cli_errors_are_one_line_and_write_nothing(tiny_policy, pairs, tmp_path)
         (["--model", tiny_policy, "--pairs", bad, "--out", tmp_path / "o1"], f"error: {bad}:2: bad JSON"),
         (["--model", tmp_path / "missing", "--pairs", plain, "--out", tmp_path / "o2"], "error: model not found"),
         (["--model", tiny_policy, "--pairs", plain, "--out", tmp_path / "o3", "--eval_size", "0",
-          "--lerning_rate", "1e-6"],
-         "error: unknown option --lerning_rate: neither an argument of 04_train_dpo.py nor a DPOConfig field "
-         "(did you mean --learning_rate?)"),
+          "--lerning_rate", "1e-6"], "error: unknown flag --lerning_rate (did you mean --learning_rate?); see --help"),
         (["--model", tiny_policy, "--pairs", plain, "--out", tmp_path / "o4", "--eval_size", "0",
           "--max_grad_norm", "big"],
          "error: invalid training option: argument --max_grad_norm/--max-grad-norm: invalid float value: 'big'"),
@@ -766,6 +730,119 @@ def test_cli_errors_are_one_line_and_write_nothing(tiny_policy, pairs, tmp_path)
         assert proc.stderr.strip().splitlines()[-1].startswith(message), proc.stderr[-2000:]
         assert "Traceback" not in proc.stderr
     assert sorted(os.listdir(tmp_path)) == ["bad.jsonl"]
+
+
+def files_of(folder):
+    """{name: (bytes or a folder's fingerprint, mtime)} of everything in `folder`: what a command must not touch."""
+    return {name: (protocol.fingerprint(folder / name), os.stat(folder / name).st_mtime_ns)
+            for name in sorted(os.listdir(folder))}
+
+
+def test_misspelt_flags_are_one_line_before_any_work_also_on_a_finished_output(tiny_policy, tmp_path):
+    """A misspelt flag of the script (--eval_sise) or a misspelt DPOConfig option (--weight_decy) is one line with a
+    did-you-mean and exit 2, before anything is read (this pair file is too small for the default --eval_size 576,
+    which used to be reported first) or written; on a rerun of a finished output, nothing there changes."""
+    small = write_jsonl(tmp_path / "small.jsonl", make_pairs(3))
+    out = tmp_path / "model"
+    command = ["python", "04_train_dpo.py", "--model", tiny_policy, "--pairs", small, "--out", out, "--max_steps", "1"]
+    typos = {"--eval_sise": "error: unknown flag --eval_sise (did you mean --eval_size?); see --help",
+             "--weight_decy": "error: unknown flag --weight_decy (did you mean --weight_decay?); see --help"}
+
+    def refused():
+        for flag, message in typos.items():
+            proc = run_script(command + [flag, "1"], check=False)
+            assert (proc.returncode, proc.stdout) == (2, ""), proc.stderr[-2000:]
+            assert proc.stderr.strip().splitlines() == [message], proc.stderr[-2000:]
+
+    refused()
+    assert os.listdir(tmp_path) == ["small.jsonl"]
+    run_script(command + ["--eval_size", "1", "--weight_decay", "0.01"])
+    before = files_of(tmp_path)
+    assert set(before) == {"small.jsonl", "model", "model.done.json"}
+    refused()
+    assert files_of(tmp_path) == before
+
+
+def test_help_exits_0_and_does_nothing_else(tmp_path):
+    proc = run_script(["python", "04_train_dpo.py", "--help", "--out", tmp_path / "model"])
+    assert proc.stdout.startswith("usage: python 04_train_dpo.py") and proc.stderr == ""
+    assert "Train pi_t from pi_{t-1} on round t's pairs" in proc.stdout and "--model (str; required)" in proc.stdout
+    assert "--bf16 (bool | auto; default auto)" in proc.stdout and "--NAME VALUE    any other DPOConfig" in proc.stdout
+    assert os.listdir(tmp_path) == []
+
+
+def mark_scored_by(path, scores=None, offline=None):
+    """The done marker 03 writes beside its pairs.jsonl (the fields 04 reads): the policy 02 scored them with."""
+    named = {key: None if model is None else {"path": model, "fingerprint": protocol.fingerprint(model)}
+             for key, model in (("scores", scores), ("offline", offline))}
+    output = {"path": path, "fingerprint": protocol.fingerprint(path)}
+    protocol.write_json(protocol.done_marker(path),
+                        {"stage": "03_build_pairs", "reference_logps_policy": named, "output": output})
+
+
+def test_pairs_scored_by_another_policy_are_refused_before_any_model_is_loaded(tiny_policy, tiny_reference, pairs,
+                                                                               tmp_path, monkeypatch):
+    """pi_ref = pi_{t-1}: pairs whose marker names another policy than --model (scores or offline) are refused with
+    one line before a model is loaded; --reuse_ref_logps False trains from --model with recomputed values; pairs
+    scored by --model itself, without any marker (a user's own file), or whose marker no longer matches them are
+    trained as before."""
+    from dice import models
+
+    _, _, rows = pairs
+    path = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    load_model = models.load_model
+    message = (rf"^{path} carries the reference log-probs of {tiny_reference}, but --model {tiny_policy} is another "
+               r"model \(DPO's reference must be the model trained\): train from that model, or pass --reuse_ref_logps "
+               "False to recompute the reference log-probs with --model$")
+    for scores, offline in ((tiny_reference, None), (None, tiny_reference), (tiny_policy, tiny_reference)):
+        mark_scored_by(path, scores, offline)
+        monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+        with pytest.raises(DiceError, match=message):
+            run(tiny_policy, path, tmp_path / "refused", max_steps=1)
+        monkeypatch.setattr(models, "load_model", load_model)
+    assert sorted(os.listdir(tmp_path)) == ["pairs.jsonl", "pairs.jsonl.done.json"]
+    proc = run_script(["python", "04_train_dpo.py", "--model", tiny_policy, "--pairs", path, "--out",
+                       tmp_path / "refused"], check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(f"error: {path} carries")
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+    record, metrics = run(tiny_policy, path, tmp_path / "recomputed", max_steps=1, reuse_ref_logps=False)
+    assert record["reference_logps"]["train"] == {"supplied": 0, "computed": 8}
+    assert abs(train_logs(metrics)[0]["loss"] - LOG2) < 1e-5
+    mark_scored_by(path, tiny_policy, tiny_policy)
+    record, _ = run(tiny_policy, path, tmp_path / "same", max_steps=1)
+    assert record["reference_logps"]["train"] == {"supplied": 8, "computed": 0}
+    mark_scored_by(path, tiny_reference)
+    with open(path, "a") as f:  # edited after 03 wrote it: the marker no longer describes this file
+        f.write(json.dumps(rows[0]) + "\n")
+    record, _ = run(tiny_policy, path, tmp_path / "edited", max_steps=1)
+    assert record["reference_logps"]["train"]["supplied"] == 9
+
+
+def test_pairs_built_by_03_from_scores_of_02_name_their_policy(tiny_policy, tiny_reference, tmp_path):
+    """The real chain: 02 scores responses with pi_{t-1} = tiny_policy, 03 builds pairs (its marker names that
+    policy), 04 refuses to train tiny_reference on them and trains tiny_policy, reusing every value."""
+    rows = make_pairs(6, seed=1)
+    responses = write_jsonl(tmp_path / "responses.jsonl", [
+        {"prompt_id": f"p{i}", "prompt": r["prompt"], "responses": [r["chosen"], r["rejected"], r["chosen"] + " ok"],
+         "finish_reasons": ["stop"] * 3, "num_tokens": [5, 5, 6], "generator": "tiny"} for i, r in enumerate(rows)])
+    scores, built = tmp_path / "scores.jsonl", tmp_path / "pairs"
+    run_script(["python", "02_score.py", "--policy", tiny_policy, "--reference", tiny_reference, "--responses",
+                responses, "--out", scores, "--max_length", "256"])
+    run_script(["python", "03_build_pairs.py", "--scores", scores, "--out_dir", built, "--min_valid", "2",
+                "--plots", "false"])
+    path = built / "pairs.jsonl"
+    assert protocol.read_marker(path)["reference_logps_policy"]["scores"]["path"] == tiny_policy
+    command = ["python", "04_train_dpo.py", "--pairs", path, "--max_steps", "1", "--eval_size", "0"]
+    proc = run_script(command + ["--model", tiny_reference, "--out", tmp_path / "m1"], check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"error: {path} carries the reference log-probs of {tiny_policy}, but --model {tiny_reference} is another "
+        "model (DPO's reference must be the model trained): train from that model, or pass --reuse_ref_logps False "
+        "to recompute the reference log-probs with --model"]
+    assert not os.path.exists(tmp_path / "m1")
+    run_script(command + ["--model", tiny_policy, "--out", tmp_path / "m2"])
+    record = json.load(open(tmp_path / "m2.done.json"))
+    assert record["reference_logps"]["train"] == {"supplied": record["counts"]["train"], "computed": 0}
 
 
 @pytest.mark.slow
