@@ -131,15 +131,13 @@ def main(
         split: the split of --offline when it is a dataset folder or a hub id.
         gamma: share of offline pairs in the mix (paper 0.5; default 0.5 with --offline, else 0) (>= 0, < 1)
         min_valid: drop prompts with fewer usable responses (paper: 8 of 16) (>= 2)
-        alpha: length penalty per character: auto (the paper's scan) or a number >= 0.
+        alpha: length penalty per character: auto (the paper's scan) or a number (>= 0)
         length_control: false means alpha = 0 (plain best-vs-worst).
         seed: seed of the replay sampling and of the output shuffle (>= 0)
         plots: write alpha_sweep.png, reward_hist.png and length_hist.png.
         overwrite: redo an output made with other arguments or inputs.
     """
     started, a = time.time(), cli.flags(main, locals())
-    if a.alpha != "auto" and a.alpha < 0:
-        raise DiceError(f"--alpha must be auto or a number >= 0, got {a.alpha:g}")
     if not a.length_control and a.alpha not in ("auto", 0):
         raise DiceError(f"--alpha {a.alpha} contradicts --length_control false (which means alpha = 0)")
     mode = ("fixed" if a.alpha != "auto" else "auto") if a.length_control else "off"

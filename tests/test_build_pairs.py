@@ -464,7 +464,7 @@ def test_empty_result_is_an_error_and_writes_nothing(tmp_path):
 
 @pytest.mark.parametrize("kw, message", [
     (dict(alpha="often"), "--alpha must be float | auto, got 'often'"),
-    (dict(alpha=-0.1), "--alpha must be auto or a number >= 0, got -0.1"),
+    (dict(alpha=-0.1), "--alpha must be >= 0, got -0.1"),
     (dict(alpha=0.01, length_control=False), "contradicts --length_control false"),
     (dict(min_valid=1), "--min_valid must be >= 2"),
     (dict(length_control="maybe"), "--length_control must be a bool, got 'maybe'"),
