@@ -123,38 +123,35 @@ def read_pair(row, where):
     """A preference pair in any shape users hold -> {"prompt", "chosen", "rejected"}: prompt a string (one user turn)
     or a messages list, chosen/rejected strings. Accepted shapes:
       - strings: prompt, chosen, rejected (this project's files, the official DICE preference.json);
-      - TRL's conversational format: prompt as messages, chosen/rejected as one assistant turn ([{"role":
-        "assistant", "content": ...}]);
-      - full conversations whose last turn is the answer (HuggingFaceH4/ultrafeedback_binarized; trl-lib's implicit
-        prompt): the prompt is the turns before it, the same in chosen and rejected (a `prompt` field is then
-        optional and must agree when it is the text of the single user turn).
+      - TRL's conversational format: prompt as messages, chosen/rejected as one assistant turn;
+      - full conversations whose last turn is the answer (HuggingFaceH4/ultrafeedback_binarized): without a `prompt`
+        field the prompt is the turns chosen and rejected share (TRL's `extract_prompt`); with one, the turns before
+        each answer must be that prompt.
     Anything else is a DiceError naming `where` (file:line)."""
     for key in ("chosen", "rejected"):
         if key not in row:
             raise DiceError(f"{where}: missing field '{key}' (a pair needs prompt, chosen and rejected)")
-    answers, history = [], []
+    if row.get("prompt") is None and all(isinstance(row[k], list) and row[k] for k in ("chosen", "rejected")):
+        from trl.data_utils import extract_prompt  # imported only here: TRL takes seconds to import
+
+        row = extract_prompt({"chosen": row["chosen"], "rejected": row["rejected"]})
+        if len(row["chosen"]) != 1 or len(row["rejected"]) != 1:
+            raise DiceError(f"{where}: 'chosen' and 'rejected' hold different conversations before their last turn")
+        row["prompt"] = row["prompt"] or None  # two lone answers: no prompt at all
+    if row.get("prompt") is None:
+        raise DiceError(f"{where}: missing field 'prompt' (a pair needs prompt, chosen and rejected)")
+    prompt, answers = to_messages(row["prompt"], f"{where}: 'prompt'"), []
     for key in ("chosen", "rejected"):
         value = row[key]
         if isinstance(value, str):
             answers.append(value)
-            history.append(None)
             continue
         turns = to_messages(value, f"{where}: '{key}'") if isinstance(value, list) and value else None
         if not turns or turns[-1]["role"] != "assistant":
             raise DiceError(f"{where}: '{key}' must be a string or messages ending with an assistant turn")
+        if len(turns) > 1 and turns[:-1] != prompt:
+            raise DiceError(f"{where}: 'prompt' differs from the conversation before the answer in '{key}'")
         answers.append(turns[-1]["content"])
-        history.append(turns[:-1])
-    if history[0] != history[1] and None not in history:
-        raise DiceError(f"{where}: 'chosen' and 'rejected' hold different conversations before their last turn")
-    context = history[0] if history[0] is not None else history[1]
-    if "prompt" in row and row["prompt"] is not None:
-        prompt = to_messages(row["prompt"], f"{where}: 'prompt'")
-        if context and context != prompt:
-            raise DiceError(f"{where}: 'prompt' differs from the conversation before the answer in 'chosen'")
-    elif context:
-        prompt = context
-    else:
-        raise DiceError(f"{where}: missing field 'prompt' (a pair needs prompt, chosen and rejected)")
     if len(prompt) == 1 and prompt[0]["role"] == "user":  # one user turn: the same prompt as its plain text
         prompt = prompt[0]["content"]
     return {"prompt": prompt, "chosen": answers[0], "rejected": answers[1]}
