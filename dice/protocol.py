@@ -93,11 +93,10 @@ class Stage:
             self._acquire()
         self.input_fingerprints = {k: fingerprint(v) for k, v in self.inputs.items()}
         self.settings = {"args": _comparable(self.args, self.inputs, self.ignore), "inputs": self.input_fingerprints}
-        finished = self._finished()
-        if finished is not None:
-            changed = _differences(finished.get("settings", {}).get("args", {}), self.settings["args"])
-            changed += [f"input --{k} changed" for k in sorted(set(finished.get("inputs", {})) | set(self.inputs))
-                        if finished.get("inputs", {}).get(k, {}).get("fingerprint") != self.input_fingerprints.get(k)]
+        finished = read_marker(self.out)
+        if finished is not None and finished.get("output", {}).get("fingerprint") == fingerprint(self.out):
+            inputs = {k: v.get("fingerprint") for k, v in finished.get("inputs", {}).items()}
+            changed = self._changes({"args": finished.get("settings", {}).get("args", {}), "inputs": inputs})
             if not changed:
                 raise AlreadyDone(f"{self.out}: done already (same arguments and inputs; see {self.marker})")
             if not self.overwrite:
@@ -109,16 +108,11 @@ class Stage:
         if self.main:
             _remove(self.tmp)  # left by a run that was killed: never resumed, always rebuilt
 
-    def _finished(self):
-        """The done marker of a finished output (its fingerprint matches the output), else None."""
-        try:
-            with open(self.marker, encoding="utf-8") as f:
-                marker = json.load(f)
-        except (OSError, ValueError):
-            return None
-        if not isinstance(marker, dict) or not os.path.lexists(self.out):
-            return None
-        return marker if marker.get("output", {}).get("fingerprint") == fingerprint(self.out) else None
+    def _changes(self, before):
+        """What differs from the settings `before` ({"args", "inputs": {name: fingerprint}}), one string each."""
+        changed = _differences(before.get("args", {}), self.settings["args"])
+        return changed + [f"input --{k} changed" for k in sorted(set(before.get("inputs", {})) | set(self.inputs))
+                          if before.get("inputs", {}).get(k) != self.input_fingerprints.get(k)]
 
     def _acquire(self):
         import fcntl
@@ -173,10 +167,7 @@ class Stage:
             before = None
         if before == self.settings:
             return True
-        changed = "its settings file is missing" if before is None else "; ".join(
-            _differences(before.get("args", {}), self.settings["args"])
-            + [f"input --{k} changed" for k in self.inputs
-               if before.get("inputs", {}).get(k) != self.input_fingerprints[k]])
+        changed = "its settings file is missing" if before is None else "; ".join(self._changes(before))
         if not self.overwrite:
             raise DiceError(f"{path} holds an unfinished run with other settings ({changed}); rerun with the same "
                             "settings to resume it, or pass --overwrite to start again")
@@ -210,18 +201,11 @@ class Stage:
 
 @contextlib.contextmanager
 def stage(name, out, args, inputs=None, overwrite=False, seed=None, ignore=(), main_process=True):
-    """The one protocol of every stage: decide, lock, run, record, publish.
-
-    - `out` finished (its done marker OUT.done.json matches it) with the same arguments and the same inputs (`inputs`:
-      {argument: path}, compared by content, see `fingerprint`): AlreadyDone ("done already", exit 0).
-    - made with other arguments or inputs, or present without a marker: refused with one line unless `overwrite`.
-    - another process writing `out` right now (it holds OUT.lock): refused with one line naming it.
-    - else the body runs and writes the complete output to `st.tmp` (a file or a folder); `st.record` takes the counts
-      and anything else for the marker; `st.work(path)` registers resumable work. On success the marker (stage,
-      arguments, input fingerprints, output fingerprint, seed, counts, versions, seconds) is written, then `st.tmp` is
-      renamed onto `out`. On an error nothing is published. `main_process`: False in the other processes of a
-      multi-process run, which decide the same but never lock, delete or write.
-    """
+    """The protocol of the module docstring around a stage's body, which writes its whole output to `st.tmp` (a file
+    or a folder) and puts counts into `st.record` (the marker also gets the stage, arguments, input fingerprints
+    (`inputs`: {argument: path}, compared by content), output fingerprint, seed, versions and seconds).
+    `main_process`: False in the other processes of a multi-process run, which decide the same but never lock, delete
+    or write."""
     st, made = Stage(name, out, args, inputs or {}, overwrite, seed, ignore, main_process), _missing_folder(out)
     try:
         st.begin()
@@ -279,7 +263,6 @@ def write_jsonl(path, rows):
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-
 def package_versions(*names):
     """Python and the installed versions of `names` (those not installed are left out), for done markers."""
     import importlib.metadata as md
@@ -291,7 +274,6 @@ def package_versions(*names):
         except md.PackageNotFoundError:
             pass
     return found
-
 
 
 def read_marker(path):
