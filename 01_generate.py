@@ -29,16 +29,12 @@ import time
 from typing import Literal
 
 from dice import DiceError, cli, data, engines, models, protocol
-from dice.partial import append_rows, finished_rows, resume
-
-EXECUTION_ONLY = ("batch_size", "tensor_parallel_size", "gpu_memory_utilization")  # a rerun or resume may change them
-
+from dice.partial import append_rows, resume
 
 # ----------------------------------------------------------------------------- the prompt set X
 
 def load_prompts(source, prompt_field=None, split="train", limit=None):
-    """X: the distinct prompts (text verbatim) sorted by prompt_id, each with its `position` among the input's first
-    occurrences (alpaca_eval's order); --limit keeps the first N distinct prompts. Returns (items, counts)."""
+    """X (texts verbatim), each with its `position` among the input's distinct prompts. Returns (items, counts)."""
     rows = list(data.read_rows(source, split))
     prompt_field = data.find_field(rows, source, prompt_field)  # the prompt in every shape: dice/data.py
     prompts, duplicates = {}, 0
@@ -51,14 +47,14 @@ def load_prompts(source, prompt_field=None, split="train", limit=None):
         if limit is not None and len(prompts) >= limit:
             break
         prompts[pid] = prompt
-    position = {pid: i for i, pid in enumerate(prompts)}
-    items = [{"prompt_id": pid, "prompt": prompts[pid], "position": position[pid]} for pid in sorted(prompts)]
+    items = [{"prompt_id": pid, "prompt": p, "position": i} for i, (pid, p) in enumerate(prompts.items())]
+    items.sort(key=lambda item: item["prompt_id"])
     return items, {"rows_read": len(rows), "duplicates_dropped": duplicates, "prompt_field": prompt_field,
                    "distinct_prompts": len(items)}
 
 
 def shard_prompts(items, shard, num_shards):
-    """Shard `shard` of `num_shards`: every prompt whose position in prompt_id order is shard mod num_shards."""
+    """The prompts whose position in prompt_id order is `shard` mod `num_shards`."""
     return items[shard::num_shards]
 
 
@@ -70,16 +66,15 @@ def sample_seed(seed, prompt_id):
 # ----------------------------------------------------------------------------- prompts in, responses out
 
 def tokenize(items, tokenizer, max_new_tokens, ctx):
-    """THE prompt format's token ids (models.chat_prompt_ids) and each prompt's cap on new tokens, at most the context
-    length minus the prompt; a prompt that fills the context is skipped. Returns (work items, number skipped)."""
-    work, too_long = [], 0
+    """Each prompt's token ids and cap on new tokens (at most the context left); a prompt filling the context is
+    skipped. Returns (work items, number skipped)."""
+    work = []
     for item in items:
         ids = models.chat_prompt_ids(tokenizer, item["prompt"])
         cap = max_new_tokens if ctx is None else min(max_new_tokens, ctx - len(ids))
-        if cap < 1:
-            too_long += 1
-            continue
-        work.append({**item, "prompt_ids": ids, "max_tokens": cap})
+        if cap >= 1:
+            work.append({**item, "prompt_ids": ids, "max_tokens": cap})
+    too_long = len(items) - len(work)
     if too_long:
         print(f"skipping {too_long} prompts that fill the model's context ({ctx} tokens)")
     return work, too_long
@@ -95,8 +90,7 @@ def make_row(item, generator, tokenizer, samples):
 
 
 def to_alpaca_eval(rows, items):
-    """alpaca_eval's model_outputs: {instruction, output, generator} of sample 0 per prompt, in the input's order (the
-    items' positions); the instruction is the prompt string, or the last user turn of a messages prompt."""
+    """alpaca_eval's model_outputs in the input's order; the instruction is a messages prompt's last user turn."""
     def instruction(prompt):
         users = [m["content"] for m in prompt if m["role"] == "user"] if not isinstance(prompt, str) else [prompt]
         return users[-1] if users else prompt[-1]["content"]
@@ -107,7 +101,7 @@ def to_alpaca_eval(rows, items):
 
 
 def check(args):
-    """The rules between flags and the defaults that depend on other flags (cli.flags checked each flag alone)."""
+    """The rules between flags and the defaults that depend on other flags."""
     if args.shard >= args.num_shards:
         raise DiceError(f"--shard must be < --num_shards ({args.num_shards}), got {args.shard}")
     if args.format == "alpaca_eval" and (args.num_samples != 1 or args.num_shards != 1):
@@ -120,8 +114,6 @@ def check(args):
     args.generator = args.generator or args.model.rstrip("/")
     return args
 
-
-# ----------------------------------------------------------------------------- main
 
 def main(model: str, prompts: str, out: str, num_samples: int = 16, temperature: float = 0.7, top_p: float = 0.9,
          max_new_tokens: int = 2048, seed: int = 0, engine: Literal["auto", "vllm", "hf"] = "auto", limit: int = None,
@@ -170,11 +162,11 @@ def main(model: str, prompts: str, out: str, num_samples: int = 16, temperature:
           f"{counts['distinct_prompts']} distinct, {len(items)} in shard {args.shard}/{args.num_shards} "
           f"(field {counts['prompt_field']!r})")
     args.engine = engines.resolve_engine(args.engine)  # only now: it imports torch, and bad input should fail fast
-    args.batch_size = args.batch_size or engines.default_batch_size(args.engine, args.num_samples)
+    args.batch_size = args.batch_size or (256 if args.engine == "vllm" else max(1, 16 // args.num_samples))
 
     with protocol.stage("01_generate", args.out, vars(args), overwrite=args.overwrite, seed=args.seed,
                         inputs={"model": args.model, "prompts": args.prompts, "chat_template": args.chat_template},
-                        ignore=EXECUTION_ONLY) as st:
+                        ignore=("batch_size", "tensor_parallel_size", "gpu_memory_utilization")) as st:
         # -- tokenize: the chat template's prompt ids; each prompt's new tokens capped by the context length
         tokenizer = models.load_tokenizer(args.model, args.trust_remote_code, chat_template=args.chat_template)
         stop_ids = engines.end_token_ids(args.model, tokenizer, args.stop_token_ids)
@@ -182,8 +174,8 @@ def main(model: str, prompts: str, out: str, num_samples: int = 16, temperature:
         ctx = engines.context_length(args.model, args.trust_remote_code)
         work, counts["skipped_too_long"] = tokenize(items, tokenizer, args.max_new_tokens, ctx)
         partial = st.out + ".partial"  # rows of finished batches: a killed run resumes after the last one
-        done_rows = resume(st, partial, work, args.overwrite)
-        todo = work[len(done_rows):]
+        rows = resume(st, partial, work, args.overwrite)
+        resumed, todo = len(rows), work[len(rows):]
 
         # -- sample K responses per prompt, y_k ~ pi_{t-1}(.|x) with the seed sample_seed(seed, x) + k
         llm = engines.make_engine(args, todo, ctx) if todo else None
@@ -194,17 +186,17 @@ def main(model: str, prompts: str, out: str, num_samples: int = 16, temperature:
             t = time.time()
             samples = llm.generate(batch, seeds, args.num_samples, args.temperature, args.top_p, stop_ids, pad_id)
             gen_time += time.time() - t
-            rows = [make_row(item, args.generator, tokenizer, k_samples) for item, k_samples in zip(batch, samples)]
-            new_tokens += sum(n for row in rows for n in row["num_tokens"])
-            append_rows(partial, rows)
-            print(f"[{len(done_rows) + start + len(batch)}/{len(work)} prompts] "
-                  f"{new_tokens / max(gen_time, 1e-9):.1f} generated tokens/s", flush=True)
+            new_rows = [make_row(item, args.generator, tokenizer, k_samples) for item, k_samples in zip(batch, samples)]
+            new_tokens += sum(n for row in new_rows for n in row["num_tokens"])
+            append_rows(partial, new_rows)
+            rows += new_rows
+            print(f"[{len(rows)}/{len(work)} prompts] {new_tokens / max(gen_time, 1e-9):.1f} generated tokens/s",
+                  flush=True)
 
         # -- write: rows in prompt_id order (alpaca_eval: the input's order); protocol.stage publishes st.tmp
-        rows = finished_rows(partial, len(work))
         finish = [f for row in rows for f in row["finish_reasons"]]
         counts.update(rows_written=len(rows), responses=len(finish), finish_stop=finish.count("stop"),
-                      finish_length=finish.count("length"), resumed_rows=len(done_rows),
+                      finish_length=finish.count("length"), resumed_rows=resumed,
                       generated_tokens_this_run=new_tokens)
         st.record.update(counts=counts, engine=args.engine, engine_version=engines.engine_version(args.engine),
                          stop_token_ids=stop_ids, context_length=ctx,

