@@ -65,10 +65,10 @@ def gap_at(table, alpha):
     return mean_len_diff(table, chosen, rejected, ~tie & ~identical)
 
 
-def sweep_alpha(table, grid=ALPHA_GRID):
+def sweep_alpha(table):
     """The paper's scan: (best alpha, [(alpha, mean length gap or None), ...] up to and including the stop)."""
     sweep, best, best_abs = [], 0.0, math.inf
-    for alpha in grid:
+    for alpha in ALPHA_GRID:
         d = gap_at(table, alpha)
         sweep.append((float(alpha), d))
         a = math.inf if d is None else abs(d)  # an alpha that keeps no pair counts as |mean| = infinity
@@ -90,9 +90,9 @@ def replay_counts(n_off, n_gen, gamma):
 def replay(gen_keys, off_keys, gamma, rng):
     """Indices of the generated and offline pairs to keep: n_gen generated ones at random, then n_off offline ones at
     random among those whose prompt is not a kept generated prompt. Errors when too few offline pairs remain."""
-    take_gen, take_off = replay_counts(len(off_keys), len(gen_keys), gamma)
     if gamma == 0:
         return np.arange(len(gen_keys)), np.arange(0)
+    take_gen, take_off = replay_counts(len(off_keys), len(gen_keys), gamma)
     if take_gen == 0:
         raise DiceError(f"replay keeps no generated pair: int({len(off_keys)} offline pairs * (1 - gamma {gamma})) = "
                         f"{int(len(off_keys) * (1 - gamma))}; give more offline pairs or a smaller --gamma")
@@ -184,14 +184,12 @@ def main(
 
         # write stats.json and the plots (over all generated pairs, before replay), then pairs.jsonl with its marker
         st.writing_beside()  # with --overwrite, the old pairs stop counting as finished before new stats/plots appear
-        c0, r0, tie0, identical0 = select(table, 0.0)
-        before, after = (c0, r0, ~tie0 & ~identical0), (chosen, rejected, keep)
-        columns = pairs_io.pair_columns(table, *after)
-        stats = pairs_io.make_stats(args, alpha, sweep, (mean_len_diff(table, *before), mean_len_diff(table, *after)),
-                                    columns, counts, time.time() - started)
+        after = pairs_io.pair_columns(table, chosen, rejected, keep)
+        stats = pairs_io.make_stats(args, alpha, sweep, after, counts, time.time() - started)
         protocol.write_json(os.path.join(a.out_dir, "stats.json"), stats)
         if a.plots:
-            pair_figures(a.out_dir, sweep, alpha, columns[2:], pairs_io.pair_columns(table, *before)[:2], columns[:2])
+            c0, r0, tie0, identical0 = select(table, 0.0)
+            pair_figures(a.out_dir, sweep, alpha, pairs_io.pair_columns(table, c0, r0, ~tie0 & ~identical0), after)
         protocol.write_jsonl(st.tmp, rows)
         st.record.update(alpha=alpha, counts=counts, reference_logps_policy={  # for 04: whose log-probs these are
             name: pairs_io.reference_policy(path, st.input_fingerprints.get(name), rows, source)

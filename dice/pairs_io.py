@@ -1,9 +1,6 @@
 """03_build_pairs.py's files around its rule: 02's scores read into a prompts x K table, the offline pairs, the output
-rows, stats.json, the printed summary and the policy behind the reference log-probs (for 04's check).
-
-A bad row of either input is a DiceError naming file:line (data.read_jsonl / data.read_rows), so a run fails on the
-first bad line before anything is written.
-"""
+rows, stats.json, the printed summary and the policy behind the reference log-probs (for 04's check). A bad input row
+is a DiceError naming file:line, raised before anything is written."""
 import math
 from itertools import chain
 
@@ -26,17 +23,14 @@ def _number(value, where):
 
 
 def _numbers(values, where):
-    """A list of JSON numbers (or nulls) as floats, NaN for null (make_table marks non-finite values unusable)."""
     if set(map(type, values)) <= {float}:  # the fast path: 02 writes floats
         return values
     return [_number(v, f"{where}[{j}]") for j, v in enumerate(values)]
 
 
 def read_scores(path):
-    """Read 02's scores.jsonl -> one record per row, in file order, repeated prompts included (usable_prompts drops
-    them): prompt_id, key (data.prompt_id), prompt, responses, rewards and policy_logps (floats, NaN for null;
-    policy_logps None when absent), valid, completion_starts (None when absent). Fields 03 ignores (finish_reasons,
-    num_tokens, reference_logps) must still have K entries when present."""
+    """02's rows in file order, repeated prompts included, checked: K entries in every per-response field (those 03
+    ignores too), rewards and policy_logps as floats (NaN for null), key = data.prompt_id of the prompt."""
     records = []
     for line, row in data.read_jsonl(path):
         where = f"{path}:{line}"
@@ -47,12 +41,11 @@ def read_scores(path):
         responses = row["responses"]
         if not isinstance(responses, list) or not set(map(type, responses)) <= {str}:
             raise DiceError(f"{where}: 'responses' must be a list of strings")
-        k = len(responses)
         for field in ("rewards", "valid", "policy_logps", "reference_logps", "finish_reasons", "num_tokens",
                       "completion_starts"):
-            if field in row and (not isinstance(row[field], list) or len(row[field]) != k):
+            if field in row and (not isinstance(row[field], list) or len(row[field]) != len(responses)):
                 n = len(row[field]) if isinstance(row[field], list) else "not a list"
-                raise DiceError(f"{where}: '{field}' has {n} values but 'responses' has {k}")
+                raise DiceError(f"{where}: '{field}' has {n} values but 'responses' has {len(responses)}")
         if not set(map(type, row["valid"])) <= {bool}:
             raise DiceError(f"{where}: 'valid' must be a list of true/false")
         logps, starts = row.get("policy_logps"), row.get("completion_starts")
@@ -69,12 +62,12 @@ def read_scores(path):
 
 
 def make_table(records):
-    """Pad the records into (prompts x K) arrays, built at once for all rows: rewards and policy_logps (NaN where
-    absent), lengths (characters), valid, usable (valid with a finite reward and, where the row has them, a finite
-    log-prob), text ids (equal ids = identical texts within a row), and k (responses per row). Padding is unusable."""
+    """The records as (prompts x K) arrays: rewards, policy_logps (NaN where absent), lengths (characters), valid,
+    usable (valid, finite reward and, where the row has them, finite log-prob; padding is not), text_id (equal ids =
+    identical texts within a row), and k (responses per row)."""
     ks = np.array([len(r["responses"]) for r in records], dtype=np.int64)
     n, k = len(records), int(ks.max(initial=0))
-    cells = np.arange(k) < ks[:, None]  # the cells holding a response; mask assignment fills them row by row
+    cells = np.arange(k) < ks[:, None]  # the cells holding a response, filled row by row
 
     def padded(values, fill, dtype):
         table = np.full((n, k), fill, dtype=dtype)
@@ -99,8 +92,8 @@ def make_table(records):
 
 
 def usable_prompts(records, min_valid):
-    """The prompts to pair: the first row of each prompt, with at least min_valid usable responses.
-    Returns (records, table, counts), the counts over every row read."""
+    """(records, table, counts) of the prompts to pair: the first row of each prompt, with at least min_valid usable
+    responses; the counts are over every row read."""
     table = make_table(records)
     first, seen = np.zeros(len(records), dtype=bool), set()
     for i, r in enumerate(records):
@@ -118,25 +111,22 @@ def usable_prompts(records, min_valid):
 
 # ----------------------------------------------------------------------------- the offline pairs and the output rows
 
-def read_offline(path, split="train"):
-    """Offline preference pairs as output rows, in any shape users hold them (data.read_rows: .jsonl, .json,
-    .parquet, a save_to_disk folder or a hub id with `split`; data.read_pair: strings, TRL's conversational
-    messages or full conversations), with 02_score.py --pairs' optional `policy_chosen_logps`,
-    `policy_rejected_logps` (-> ref_chosen_logps, ref_rejected_logps), `chosen_reward`, `rejected_reward`."""
+def read_offline(path, split):
+    """Offline preference pairs as output rows, in any shape data.read_rows and data.read_pair take, with 02_score.py
+    --pairs' optional policy_chosen/rejected_logps (-> ref_chosen/rejected_logps) and chosen/rejected_reward."""
     rows = []
     for where, row in data.read_rows(path, split):
         pair = data.read_pair(row, where)
-        extra = {}
+        out = dict(prompt_id=data.prompt_id(pair["prompt"]), prompt=pair["prompt"], chosen=pair["chosen"],
+                   rejected=pair["rejected"], chosen_reward=None, rejected_reward=None, source="offline",
+                   ref_chosen_logps=None, ref_rejected_logps=None)
         for src, dst in (("policy_chosen_logps", "ref_chosen_logps"), ("policy_rejected_logps", "ref_rejected_logps"),
                          ("chosen_reward", "chosen_reward"), ("rejected_reward", "rejected_reward")):
-            value = row.get(src)
-            if value is not None and not math.isfinite(_number(value, f"{where}: {src}")):
-                raise DiceError(f"{where}: '{src}' is not finite ({value!r})")
-            extra[dst] = None if value is None else float(value)
-        rows.append(dict(prompt_id=data.prompt_id(pair["prompt"]), prompt=pair["prompt"], chosen=pair["chosen"],
-                         rejected=pair["rejected"], chosen_reward=extra["chosen_reward"],
-                         rejected_reward=extra["rejected_reward"], source="offline",
-                         ref_chosen_logps=extra["ref_chosen_logps"], ref_rejected_logps=extra["ref_rejected_logps"]))
+            if row.get(src) is not None:
+                out[dst] = _number(row[src], f"{where}: {src}")
+                if not math.isfinite(out[dst]):
+                    raise DiceError(f"{where}: '{src}' is not finite ({row[src]!r})")
+        rows.append(out)
     if not rows:
         raise DiceError(f"{path}: no offline pairs")
     return rows
@@ -164,15 +154,14 @@ def generated_rows(records, table, chosen, rejected, keep, counts):
 
 
 def reference_policy(path, fingerprint, rows, source):
-    """{"path", "fingerprint"} of the policy whose log-probs the `source` rows carry as reference log-probs: the
-    `policy` input in the done marker of the input `path` (02 wrote it), when that marker records the input as it is
-    now (`fingerprint`). None when no such row carries log-probs or there is no such marker naming a policy. 04 refuses
+    """{"path", "fingerprint"} of the policy whose log-probs the `source` rows carry: the `policy` input in the done
+    marker 02 wrote for `path`, if that marker records the input as it is now (`fingerprint`); else None. 04 refuses
     to train another model than this one with these log-probs."""
     if not path or not any(r["source"] == source and (r["ref_chosen_logps"] is not None or
                                                       r["ref_rejected_logps"] is not None) for r in rows):
         return None
-    marker = protocol.read_marker(path)
     try:
+        marker = protocol.read_marker(path)
         policy, current = marker["inputs"]["policy"], marker["output"]["fingerprint"] == fingerprint
         return {"path": policy["path"], "fingerprint": policy["fingerprint"]} if current else None
     except (TypeError, KeyError):  # no marker, or one without these fields
@@ -188,32 +177,29 @@ def nothing_left(counts, min_valid, k):
 
 # ----------------------------------------------------------------------------- stats.json and the summary
 
+def pair_columns(table, chosen, rejected, keep):
+    """{chosen_len, rejected_len, chosen_reward, rejected_reward}: arrays over the kept pairs."""
+    rows = np.flatnonzero(keep)
+    c, r = chosen[rows], rejected[rows]
+    return dict(chosen_len=table["lengths"][rows, c], rejected_len=table["lengths"][rows, r],
+                chosen_reward=table["rewards"][rows, c], rejected_reward=table["rewards"][rows, r])
+
+
 def summary(values):
     v = np.asarray(values, dtype=float)
-    if len(v) == 0:
-        return None
     q = np.percentile(v, [0, 25, 50, 75, 100])
     return dict(mean=float(v.mean()), std=float(v.std()), min=float(q[0]), p25=float(q[1]), median=float(q[2]),
                 p75=float(q[3]), max=float(q[4]))
 
 
-def pair_columns(table, chosen, rejected, keep):
-    """(lengths of chosen, of rejected, rewards of chosen, of rejected) over the kept pairs."""
-    rows = np.flatnonzero(keep)
-    return (table["lengths"][rows, chosen[rows]], table["lengths"][rows, rejected[rows]],
-            table["rewards"][rows, chosen[rows]], table["rewards"][rows, rejected[rows]])
-
-
-def make_stats(args, alpha, sweep, gaps, columns, counts, seconds):
-    """stats.json: alpha and the sweep, the length gap before (alpha 0) and after shaping (`gaps`), summaries of the
-    kept pairs' `columns` (pair_columns), counts, args."""
-    len_c, len_r, rew_c, rew_r = columns
-    return dict(
-        alpha=alpha, alpha_mode=args["alpha_mode"], alpha_steps=len(sweep) if args["alpha_mode"] == "auto" else 0,
-        sweep=[[a, d] for a, d in sweep], mean_len_diff_before=gaps[0], mean_len_diff_after=gaps[1],
-        chosen_len=summary(len_c), rejected_len=summary(len_r), chosen_reward=summary(rew_c),
-        rejected_reward=summary(rew_r), gamma=args["gamma"], seed=args["seed"], counts=counts, args=args,
-        seconds=round(seconds, 3))
+def make_stats(args, alpha, sweep, columns, counts, seconds):
+    """stats.json: alpha, the sweep, the length gap before (alpha 0) and after shaping (the sweep starts at alpha 0 and
+    holds the chosen alpha), summaries of the kept pairs' `columns` (pair_columns), counts, args."""
+    gaps, auto = dict(sweep), args["alpha_mode"] == "auto"
+    return dict(alpha=alpha, alpha_mode=args["alpha_mode"], alpha_steps=len(sweep) if auto else 0,
+                sweep=[[a, d] for a, d in sweep], mean_len_diff_before=gaps[0.0], mean_len_diff_after=gaps[alpha],
+                **{name: summary(v) for name, v in columns.items()}, gamma=args["gamma"], seed=args["seed"],
+                counts=counts, args=args, seconds=round(seconds, 3))
 
 
 def print_summary(args, stats, out):

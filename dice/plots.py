@@ -1,7 +1,5 @@
 """The figures: 03's three (the alpha scan, rewards and lengths of its pairs) and tools/report.py's per-round ones.
-
-matplotlib's Agg backend, imported only when a figure is drawn; every PNG is written atomically (protocol.atomic_open).
-"""
+matplotlib's Agg backend, imported only when a figure is drawn; every PNG is written atomically."""
 import math
 import os
 
@@ -23,13 +21,14 @@ def _save(plt, fig, path, **kw):
     plt.close(fig)
 
 
-def pair_figures(out_dir, sweep, alpha, rewards, lengths_before, lengths_after):
+def pair_figures(out_dir, sweep, alpha, before, after):
     """03's alpha_sweep.png (the scan's mean length gap per alpha), reward_hist.png (chosen vs rejected implicit
-    rewards) and length_hist.png (chosen vs rejected lengths before and after shaping) in out_dir."""
+    rewards) and length_hist.png (chosen vs rejected lengths before and after shaping) in out_dir; `before` and
+    `after` are pairs_io.pair_columns at alpha 0 and at `alpha`."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
-    xs = [a for a, d in sweep if d is not None]
-    ax.plot(xs, [d for a, d in sweep if d is not None], marker=".")
+    scanned = [(a, d) for a, d in sweep if d is not None]
+    ax.plot([a for a, _ in scanned], [d for _, d in scanned], marker=".")
     ax.axhline(0, color="gray", lw=0.5)
     ax.axvline(alpha, color="red", ls="--", label=f"alpha = {alpha:g}")
     ax.set(xlabel="alpha", ylabel="mean len(chosen) - len(rejected) [chars]", title="length-control sweep")
@@ -37,16 +36,15 @@ def pair_figures(out_dir, sweep, alpha, rewards, lengths_before, lengths_after):
     _save(plt, fig, os.path.join(out_dir, "alpha_sweep.png"))
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.hist([rewards[0], rewards[1]], bins=50, label=["chosen", "rejected"], histtype="step")
+    ax.hist([after["chosen_reward"], after["rejected_reward"]], bins=50, label=["chosen", "rejected"], histtype="step")
     ax.set(xlabel="implicit reward log pi - log pi_ref (unscaled)", ylabel="pairs",
            title=f"generated pairs, alpha {alpha:g}")
     ax.legend()
     _save(plt, fig, os.path.join(out_dir, "reward_hist.png"))
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    panels = [("before shaping (alpha 0)", lengths_before), (f"after (alpha {alpha:g})", lengths_after)]
-    for ax, (title, (c, r)) in zip(axes, panels):
-        ax.hist([c, r], bins=50, label=["chosen", "rejected"], histtype="step")
+    for ax, title, pairs in zip(axes, ["before shaping (alpha 0)", f"after (alpha {alpha:g})"], [before, after]):
+        ax.hist([pairs["chosen_len"], pairs["rejected_len"]], bins=50, label=["chosen", "rejected"], histtype="step")
         ax.set(xlabel="length [chars]", title=title)
         ax.legend()
     axes[0].set_ylabel("pairs")
@@ -70,16 +68,15 @@ def report_figures(out, rows):
         a.plot(ts, [r["gap_before"] for r in paired], "o-", label="before shaping (alpha = 0)")
         a.plot(ts, [r["gap_after"] for r in paired], "o-", label="after shaping")
         a.axhline(0, color="gray", lw=0.5)
-        a.set(xlabel="round", ylabel="mean len(chosen) - len(rejected), chars", title="length gap of generated pairs")
+        a.set(xlabel="round", ylabel="mean len(chosen) - len(rejected), chars", title="length gap of generated pairs",
+              xticks=ts)
         a.legend()
         b.plot(ts, [r["chosen_len"] for r in paired], "o-", label="chosen")
         b.plot(ts, [r["rejected_len"] for r in paired], "o-", label="rejected")
         gen = [r for r in paired if r.get("gen_mean_chars") is not None]
         b.plot([r["round"] for r in gen], [r["gen_mean_chars"] for r in gen], "o--", label="all samples")
-        b.set(xlabel="round", ylabel="mean length, chars", title="response length")
+        b.set(xlabel="round", ylabel="mean length, chars", title="response length", xticks=ts)
         b.legend()
-        for ax in (a, b):
-            ax.set_xticks(ts)
         save(fig, "report_lengths.png")
     trained = [r for r in rows if r.get("curve")]
     if trained:
@@ -95,7 +92,7 @@ def report_figures(out, rows):
         fig, ax = plt.subplots(figsize=(5, 3.5))
         ax.plot([r["round"] for r in evaluated], [r["eval_accuracy"] for r in evaluated], "o-")
         ax.axhline(0.5, color="gray", lw=0.5, ls="--")
-        ax.set(xlabel="round", ylabel="accuracy", ylim=(0, 1), title="implicit-reward accuracy of (pi_t, pi_t-1)")
-        ax.set_xticks([r["round"] for r in evaluated])
+        ax.set(xlabel="round", ylabel="accuracy", ylim=(0, 1), title="implicit-reward accuracy of (pi_t, pi_t-1)",
+               xticks=[r["round"] for r in evaluated])
         save(fig, "report_eval.png")
     return written

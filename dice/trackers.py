@@ -1,8 +1,5 @@
-"""Experiment trackers for tools/report.py --report_to: each round's figures logged at step = round.
-
-`--report_to` is read as transformers reads it ("none", "tensorboard", "tensorboard,wandb"). A tracker that is not
-installed, not logged in or failing is a note printed beside the report, never a failed report.
-"""
+"""Experiment trackers for tools/report.py --report_to: each round's figures logged at step = round. A tracker that is
+not installed, not logged in or failing is a note printed beside the report, never a failed report."""
 import glob
 import math
 import os
@@ -67,14 +64,13 @@ TRACKERS = {"tensorboard": log_tensorboard, "wandb": log_wandb, "trackio": log_t
 
 
 def tracker_names(report_to):
-    """--report_to as transformers takes it ("none", "tensorboard", "tensorboard,wandb"; fire may pass a tuple)."""
+    """--report_to as transformers takes it ("none", "tensorboard", "tensorboard,wandb", or a list)."""
     items = report_to if isinstance(report_to, (list, tuple)) else str(report_to or "none").split(",")
     return [str(name).strip().lower() for name in items if str(name).strip().lower() not in ("", "none")]
 
 
 def report_to_trackers(names, out, run_name, steps):
-    """Log `steps` to each named tracker; returns one line per tracker: where it went, or a note why not (a tracker
-    that is missing or fails is a note, never a failed report)."""
+    """Log `steps` to each named tracker; one line per tracker: where it went, or a note why not."""
     lines = []
     for name in names:
         if name not in TRACKERS:

@@ -1,10 +1,10 @@
-"""The report of a DICE run: OUT/report.md + plots, built from the files the stages left behind.
+"""The report of a DICE run: OUT/report.md + plots and the short table run_rounds.sh prints, from the stages' files.
 
     python tools/report.py --out runs/demo        # run_rounds.sh calls it at the end; safe to run mid-run too
     python tools/report.py --out runs/llama3-8b --paper llama3-8b --sft princeton-nlp/Llama-3-Base-8B-SFT \
         --report_to tensorboard --run_name llama3-8b-report
 
-Judge-free figures per round t (round 0 = the DPO model trained from the SFT model, when run_rounds.sh trained it):
+The judge-free figures of round t (round 0 = the DPO model trained from the SFT model, when run_rounds.sh trained it):
   - generation (OUT/round_t/responses.jsonl, 01): mean generated length (tokens and characters), truncation rate
     (share of samples with finish reason "length"), and from scores.jsonl (02) the share of valid samples;
   - pairs (OUT/round_t/pairs/stats.json, 03): alpha, mean chosen/rejected length after shaping, the mean length gap
@@ -13,19 +13,8 @@ Judge-free figures per round t (round 0 = the DPO model trained from the SFT mod
   - training (OUT/round_t/model/metrics.jsonl, 04): first and last logged DPO loss and reward accuracy;
   - evaluation (OUT/round_t/eval_prefs.jsonl, 02 --pairs on EVAL_PREFS): the implicit-reward accuracy of
     (pi_t, pi_{t-1}), i.e. the share of held-out pairs with beta*log(pi_t/pi_{t-1})(chosen) > (rejected).
-The paper's metric, when the run made AlpacaEval outputs (OUT/round_t/alpaca_eval/model_outputs.json, 01 --format
-alpaca_eval, round 0 = pi_0):
-  - a judge's leaderboard.csv (alpaca_eval's output, in alpaca_eval/ANNOTATOR/ or alpaca_eval/): LC win rate, win
-    rate, standard error, average length, beside the paper's numbers with --paper; without it, the command to run;
-  - alpaca_eval/judge_note.txt: why a judge did not run (one line, shown for its round);
-  - alpaca_eval/rm_scores.jsonl (tools/judge_rm.py, a local reward model): win rate against pi_0 and against the
-    previous round (same instructions, ties half), mean reward, mean length in characters.
-Only the files of stages that finished are read: an output counts when its own done marker (OUTPUT.done.json, written
-by protocol.stage) records the output as it is now, so a report made mid-run never reads a partial or replaced file;
-missing values print as "-". The report holds no timings and names files relative to OUT, so two runs with the same
-settings produce the same report.md. The short table it prints is what run_rounds.sh shows at the end of a run.
---report_to also logs the per-round figures to trackers (tensorboard: OUT/runs/report; wandb; trackio), round = step
-(dice/trackers.py). report.md's tables and sections: dice/report_text.py; its plots: dice/plots.py.
+AlpacaEval 2 (README "Evaluation"), per round: the judge's leaderboard.csv (in alpaca_eval/ANNOTATOR/ or alpaca_eval/),
+judge_note.txt, rm_scores.jsonl (tools/judge_rm.py). Only outputs whose done marker matches them are read.
 """
 import glob
 import json
@@ -64,15 +53,14 @@ def _mean(values):
 
 def generation_stats(path):
     """Mean tokens/characters per sample and the share cut by max_new_tokens, from 01's responses.jsonl."""
-    tokens, chars, truncated, n, prompts = [], [], 0, 0, 0
+    tokens, chars, truncated, prompts = [], [], 0, 0
     for _, row in data.read_jsonl(path):
         prompts += 1
         tokens += list(row.get("num_tokens") or [])
         chars += [len(r) for r in row["responses"]]
         truncated += sum(f == "length" for f in row.get("finish_reasons") or [])
-        n += len(row["responses"])
-    return dict(gen_prompts=prompts, gen_samples=n, gen_mean_tokens=_mean(tokens), gen_mean_chars=_mean(chars),
-                truncation_rate=truncated / n if n else None)
+    return dict(gen_prompts=prompts, gen_samples=len(chars), gen_mean_tokens=_mean(tokens), gen_mean_chars=_mean(chars),
+                truncation_rate=truncated / len(chars) if chars else None)
 
 
 def score_stats(path):
@@ -84,15 +72,15 @@ def score_stats(path):
 
 
 def pair_stats(path):
-    s = json.load(open(path))
+    with open(path) as f:
+        s = json.load(f)
     c = s.get("counts", {})
-    length = lambda key: (s.get(key) or {}).get("mean")  # noqa: E731
-    return dict(alpha=s.get("alpha"), chosen_len=length("chosen_len"), rejected_len=length("rejected_len"),
+    return dict(alpha=s.get("alpha"), chosen_len=(s.get("chosen_len") or {}).get("mean"),
+                rejected_len=(s.get("rejected_len") or {}).get("mean"),
                 gap_before=s.get("mean_len_diff_before"), gap_after=s.get("mean_len_diff_after"),
                 pairs_generated=c.get("n_pairs_generated"), pairs_offline=c.get("n_pairs_offline"),
-                prompts_in=c.get("n_prompts_in"), dropped_min_valid=c.get("n_dropped_min_valid"),
-                dropped_tie=c.get("n_dropped_tie"), dropped_identical=c.get("n_dropped_identical"),
-                responses_invalid=c.get("n_responses_invalid"))
+                dropped_min_valid=c.get("n_dropped_min_valid"), dropped_tie=c.get("n_dropped_tie"),
+                dropped_identical=c.get("n_dropped_identical"))
 
 
 def train_stats(path):
@@ -118,7 +106,7 @@ def eval_stats(path):
                 eval_margin=_mean(margins))
 
 
-def alpaca_eval_stats(round_dir, annotator=PAPER_ANNOTATOR):
+def alpaca_eval_stats(round_dir, annotator):
     """AlpacaEval of one round's model (OUT/round_t/alpaca_eval): the generator name of its finished
     model_outputs.json, that name's row of the judge's leaderboard.csv, the judge's note, and the reward-model scores
     (rm_scores.jsonl rows, for the win rates across rounds). A missing or failed judge is a note, never an error."""
@@ -127,18 +115,16 @@ def alpaca_eval_stats(round_dir, annotator=PAPER_ANNOTATOR):
         with open(os.path.join(folder, "judge_note.txt"), encoding="utf-8") as f:
             notes += [line.strip() for line in f if line.strip()][:1]
     if finished(os.path.join(folder, "model_outputs.json")):
-        outputs = judge_rm.read_outputs(os.path.join(folder, "model_outputs.json"))
-        row["ae_generator"] = outputs[0]["generator"]
+        row["ae_generator"] = judge_rm.read_outputs(os.path.join(folder, "model_outputs.json"))[0]["generator"]
         # alpaca_eval writes OUTPUT_PATH/ANNOTATOR/leaderboard.csv for a named annotator, OUTPUT_PATH/ for a path
         boards = [os.path.join(folder, annotator, "leaderboard.csv")] if "/" not in annotator else []
         boards = [b for b in boards + [os.path.join(folder, "leaderboard.csv")] if os.path.isfile(b)]
-        if boards:
-            found = judge_rm.read_leaderboard(boards[0], row["ae_generator"])
-            if found is None:
-                notes.append(f"{os.path.relpath(boards[0], os.path.dirname(round_dir))} has no row for "
-                             f"{row['ae_generator']}")
-            else:
-                row.update({"ae_" + key: value for key, value in found.items()})
+        found = judge_rm.read_leaderboard(boards[0], row["ae_generator"]) if boards else {}
+        if found is None:
+            notes.append(f"{os.path.relpath(boards[0], os.path.dirname(round_dir))} has no row for "
+                         f"{row['ae_generator']}")
+        else:
+            row.update({"ae_" + key: value for key, value in found.items()})
     if finished(os.path.join(folder, "rm_scores.jsonl")):
         scored = [r for _, r in data.read_jsonl(os.path.join(folder, "rm_scores.jsonl"))]
         row.update(rm_rows=scored, rm_mean_reward=_mean([r["reward"] for r in scored]),
@@ -164,29 +150,24 @@ def rm_win_rates(rows):
         row.pop("rm_rows", None)
 
 
+# The figures each finished stage gives: (stage, its file in OUT/round_t, the reader)
+STATS = [("generate", "responses.jsonl", generation_stats), ("score", "scores.jsonl", score_stats),
+         ("pairs", os.path.join("pairs", "stats.json"), pair_stats),
+         ("train", os.path.join("model", "metrics.jsonl"), train_stats), ("eval", "eval_prefs.jsonl", eval_stats)]
+
+
 def collect(out, annotator=PAPER_ANNOTATOR):
     """One dict per round directory OUT/round_N, from the files of the stages that finished."""
-    rounds = []
-    for d in glob.glob(os.path.join(out, "round_*")):
-        m = re.fullmatch(r"round_(\d+)", os.path.basename(d))
-        if m and os.path.isdir(d):
-            rounds.append((int(m.group(1)), d))
+    rounds = sorted((int(d.rsplit("_", 1)[1]), d) for d in glob.glob(os.path.join(out, "round_*"))
+                    if re.fullmatch(r"round_\d+", os.path.basename(d)) and os.path.isdir(d))
     rows = []
-    for t, d in sorted(rounds):
+    for t, d in rounds:
         row = dict(round=t)
         done = [stage for stage, name in OUTPUTS.items() if finished(os.path.join(d, name))]
-        if "generate" in done:
-            row.update(generation_stats(os.path.join(d, "responses.jsonl")))
-        if "score" in done:
-            row.update(score_stats(os.path.join(d, "scores.jsonl")))
-        if "pairs" in done:
-            row.update(pair_stats(os.path.join(d, "pairs", "stats.json")))
-        if "train" in done and os.path.isfile(os.path.join(d, "model", "metrics.jsonl")):
-            row.update(train_stats(os.path.join(d, "model", "metrics.jsonl")))
-        if "eval" in done:
-            row.update(eval_stats(os.path.join(d, "eval_prefs.jsonl")))
-        row.update(alpaca_eval_stats(d, annotator))
-        row["stages_done"] = done
+        for stage, name, stats in STATS:
+            if stage in done and os.path.isfile(os.path.join(d, name)):
+                row.update(stats(os.path.join(d, name)))
+        row.update(alpaca_eval_stats(d, annotator), stages_done=done)
         rows.append(row)
     rm_win_rates(rows)
     return rows
@@ -215,9 +196,8 @@ def main(out: str, plots: bool = True, paper: Literal["llama3-8b", "zephyr-7b"] 
     with protocol.atomic_open(os.path.join(args.out, "report.md")) as f:
         f.write(report_text.render(args.out, rows, written, args.paper, args.annotator, args.sft))
     print(report_text.short_table(rows))
-    for r in rows:
-        if "ae_generator" in r and r.get("ae_lc_win_rate") is None and r.get("ae_win_rate") is None:
-            print(f"round {r['round']} not judged yet: {judge_command(args.out, r['round'], args.annotator)}")
+    for t in report_text.not_judged(rows):
+        print(f"round {t} not judged yet: {judge_command(args.out, t, args.annotator)}")
     run_name = args.run_name or os.path.basename(os.path.abspath(args.out)) + "-report"
     steps = trackers.tracked_figures(rows)
     for line in trackers.report_to_trackers(trackers.tracker_names(args.report_to), args.out, run_name, steps):
