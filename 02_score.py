@@ -4,14 +4,12 @@
 
 Round t scores OUT/round_t/responses.jsonl (K responses per prompt, sampled from pi_{t-1}) with the policy
 pi = pi_{t-1} (OUT/round_{t-1}/model) and the reference pi_ref = pi_{t-2} (OUT/round_{t-2}/model; round 1: pi_0 and
-the SFT model pi_{-1}). beta is one constant factor for every response and is left out, as in the paper's code:
-`rewards` = policy_logps - reference_logps. A response may be ranked (03) only when valid, the paper code's filter:
-its finish reason is not "length" and --min_chars < len(response) < --max_chars (3 and 6700). --pairs scores
-preference pairs instead (03's offline pairs; held-out pairs: the implicit-reward accuracy, the share of pairs with
-chosen_reward > rejected_reward).
-Exactness: every log-prob is the one TRL 1.16's DPOTrainer computes for the conversational row (prompt, response):
-TRL's tokenization, prompt/response split, --max_length cut and fused LM head (dice/scoring.py), so stage 4 reuses them
-as its reference log-probs. N processes (accelerate launch / torchrun) write one output, identical to one process's.
+the SFT model pi_{-1}). beta, one constant factor for every response, is left out as in the paper's code: `rewards` =
+policy_logps - reference_logps. Only a valid response may be ranked (03), the paper code's filter: its finish reason is
+not "length" and --min_chars < len(response) < --max_chars (3 and 6700). --pairs scores preference pairs instead (03's
+offline pairs; held-out pairs: the implicit-reward accuracy, the share of pairs with chosen_reward > rejected_reward).
+Exactness: every log-prob is the one TRL 1.16's DPOTrainer computes for the conversational row (prompt, response)
+(dice/scoring.py), so stage 4 reuses them; N processes (accelerate launch / torchrun) write one process's output.
 
 Smoke run (tiny offline models, seconds):
     for seed in 1 2; do python tools/tiny_model.py --out /tmp/tiny_$seed --seed $seed; done
@@ -23,6 +21,7 @@ Full run (round 2 on one 8-GPU node, the official Llama-3 prompt format):
         --out runs/llama3/round_2/scores.jsonl --dtype bfloat16 --chat_template configs/templates/llama3-dice.jinja
 """
 import contextlib
+import itertools
 import json
 import os
 import time
@@ -40,9 +39,8 @@ def is_valid(response, finish_reason, min_chars=3, max_chars=6700):
 
 def scored_responses(row, policy, reference, valid, starts):
     """01's row plus each response's log-probs and reward r = log pi(y|x) - log pi_ref(y|x) (beta left out)."""
-    rewards = [p - q for p, q in zip(policy, reference)]
-    return {**row, "policy_logps": policy, "reference_logps": reference, "rewards": rewards, "valid": valid,
-            "completion_starts": starts}
+    return {**row, "policy_logps": policy, "reference_logps": reference,
+            "rewards": [p - q for p, q in zip(policy, reference)], "valid": valid, "completion_starts": starts}
 
 
 def scored_pair(row, policy, reference):
@@ -147,8 +145,9 @@ def main(
 
         # ---- r(x, y) = log pi(y|x) - log pi_ref(y|x), chunk by chunk, written in input order by the main process
         counts, started = scoring.new_counts(args.mode), time.time()
+        rows_in = scoring.read_input(source, args.split, args.mode)
         with protocol.atomic_open(st.tmp) if state.is_main_process else contextlib.nullcontext() as f:
-            for chunk in scoring.chunks(source, args.split, args.mode, args.chunk_rows):
+            while chunk := list(itertools.islice(rows_in, args.chunk_rows)):  # --chunk_rows rows at a time
                 rows = score_chunk(chunk, tokenizer, scorers, state, args, counts)
                 if f is not None:
                     f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)

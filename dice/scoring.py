@@ -1,28 +1,17 @@
 """02's machinery: TRL-exact tokenization of a row, batching, multi-process scoring, input checks, counts and report.
 
-Exactness: every log-prob is the one TRL 1.16's DPOTrainer computes for the conversational row prompt = [{"role":
-"user", "content": p}], chosen = [{"role": "assistant", "content": y}] (fp32: equal to within float noise;
-tests/test_score.py checks it against TRL itself):
-  - the prompt is the chat template with the generation prompt (models.chat_prompt_ids); prompt+response is the whole
-    conversation, so the end-of-turn tokens belong to the response (`conversation_ids`);
-  - the response starts where the two token lists first differ (`common_prefix_length`): earlier than the prompt's end
-    when tokens merge across the boundary. In --pairs mode the split is TRL's min over chosen and rejected; in
-    --responses mode each response has its own split (TRL's for any pair of responses that split at the same place:
-    all of them, unless a response starts with whitespace that merges with the prompt's last token, counted as
-    `boundary_merges`). Rows record the splits as `completion_starts`; 03 passes reference log-probs to stage 4 only
-    for pairs whose two splits agree;
-  - prompt+response is cut to --max_length as TRL's collator cuts it (`truncate`, counted as `truncated`); a response
-    whose prompt alone fills --max_length (TRL drops such rows) gets log-probs 0.0, is invalid and is counted
-    (`prompt_too_long`);
-  - the sum runs through TRL's own fused LM head (trl_internals.batch_logps). A non-finite log-prob is an error:
-    nothing is written, a NaN must never be ranked.
-Speed: one forward per sequence per model; sequences sorted by length and batched by a token budget (--batch_tokens
-padded tokens; on CPUs one sequence per forward is fastest, measured), in chunks of --chunk_rows rows, so memory stays
-flat. Several processes split the batches of each chunk (the batches never depend on the number of processes) and the
-main process writes ONE output, identical to a single process's:
-    accelerate launch --num_processes N 02_score.py ...     (GPUs; also `torchrun --nproc_per_node N 02_score.py ...`)
-    CUDA_VISIBLE_DEVICES= accelerate launch --multi_gpu --num_processes N 02_score.py ...   (N CPU processes, gloo;
-    accelerate 1.15's `launch --cpu --num_processes N` starts ONE process unless mpirun is set up)
+Exact against TRL 1.16's DPOTrainer on the conversational row (prompt, response) (tests/test_score.py checks it):
+  - prompt+response is the whole conversation through the chat template: the end-of-turn tokens belong to the response;
+  - the response starts where the prompt's and the conversation's tokens first differ (earlier than the prompt's end
+    when tokens merge across the boundary: `boundary_merges`); --pairs: TRL's min over chosen and rejected;
+    --responses: each response's own (`completion_starts`; 03 reuses reference log-probs only where splits agree);
+  - cut to --max_length as TRL's collator cuts (`truncated`); a response whose prompt alone fills it (TRL drops such
+    rows) gets log-probs 0.0 and is invalid (`prompt_too_long`);
+  - summed by TRL's own fused LM head (trl_internals.batch_logps); a non-finite log-prob is an error, nothing written.
+Speed: sequences sorted by length, batched by --batch_tokens padded tokens, --chunk_rows rows at a time (memory stays
+flat). N processes (accelerate launch / torchrun) split each chunk's batches, which never depend on N; the main process
+writes ONE output. N CPU processes (gloo): `CUDA_VISIBLE_DEVICES= accelerate launch --multi_gpu --num_processes N
+02_score.py ...` (accelerate 1.15's `launch --cpu --num_processes N` starts ONE process unless mpirun is set up).
 """
 import math
 import os
@@ -30,26 +19,6 @@ import os
 from dice import DiceError, data, models, protocol, trl_internals
 
 # ----------------------------------------------------------------------------- TRL's tokenization of a row
-
-
-def common_prefix_length(a, b):
-    """Number of leading tokens `a` and `b` share (TRL's `common_prefix_length`)."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-def conversation_ids(tokenizer, prompt, completions):
-    """Token ids of prompt+completion for each completion, as TRL tokenizes a conversational row: the whole
-    conversation through the chat template, no special tokens added again. One batched call for all completions."""
-    messages = data.to_messages(prompt)
-    convs = [messages + [{"role": "assistant", "content": c}] for c in completions]
-    out = tokenizer.apply_chat_template(convs, tokenize=True, return_dict=True)["input_ids"]
-    return [list(ids) for ids in out]
-
 
 def truncate(full_ids, start, max_length, truncation_mode="keep_start"):
     """TRL's collator cut of prompt+completion to max_length. Returns (ids, completion_start, truncated), or None
@@ -70,27 +39,17 @@ def tokenize_row(tokenizer, row, mode, max_length, truncation_mode):
     mode TRL's min of the two); plus counts for the report."""
     prompt_ids = models.chat_prompt_ids(tokenizer, row["prompt"])  # once per row, shared by its K responses
     completions = [row["chosen"], row["rejected"]] if mode == "pairs" else row["responses"]
-    fulls = conversation_ids(tokenizer, row["prompt"], completions)
-    starts = [common_prefix_length(prompt_ids, ids) for ids in fulls]
-    counts = {"boundary_merges": sum(s < len(prompt_ids) for s in starts), "truncated": 0, "prompt_too_long": 0}
+    # TRL tokenizes the whole conversation (no special tokens added again); one call for all completions
+    convs = [data.to_messages(row["prompt"]) + [{"role": "assistant", "content": c}] for c in completions]
+    fulls = [list(ids) for ids in tokenizer.apply_chat_template(convs, tokenize=True, return_dict=True)["input_ids"]]
+    starts = [len(os.path.commonprefix([prompt_ids, ids])) for ids in fulls]  # TRL's common_prefix_length
+    merges = sum(s < len(prompt_ids) for s in starts)
     if mode == "pairs":  # TRL: the completion of both starts at the shorter common prefix
         starts = [min(starts)] * 2
-    seqs = []
-    for ids, start in zip(fulls, starts):
-        cut = truncate(ids, start, max_length, truncation_mode)
-        if cut is None:
-            counts["prompt_too_long"] += 1
-            seqs.append(None)
-            continue
-        counts["truncated"] += cut[2]
-        seqs.append((cut[0], cut[1]))
-    return seqs, starts, counts
-
-
-def padding_id(tokenizer):
-    """TRL's padding id (pad, else EOS); padding is masked out, so any id will do when the tokenizer has neither."""
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return 0 if pad_id is None else pad_id
+    cuts = [truncate(ids, start, max_length, truncation_mode) for ids, start in zip(fulls, starts)]
+    counts = {"boundary_merges": merges, "truncated": sum(c is not None and c[2] for c in cuts),
+              "prompt_too_long": cuts.count(None)}
+    return [None if c is None else c[:2] for c in cuts], starts, counts
 
 
 def check_same_tokenizer(policy_tok, reference_tok, policy, reference):
@@ -115,23 +74,19 @@ def check_same_tokenizer(policy_tok, reference_tok, policy, reference):
 def make_batches(lengths, batch_tokens):
     """Sort sequences by length (longest first) and cut them into batches whose padded size (batch size x longest
     length) stays within batch_tokens; a sequence longer than the budget is a batch of its own. Returns index lists."""
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    batches, current = [], []
-    for i in order:
-        if current and (len(current) + 1) * lengths[current[0]] > batch_tokens:
-            batches.append(current)
-            current = []
-        current.append(i)
-    if current:
-        batches.append(current)
+    batches = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= batch_tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
     return batches
 
 
 def assign_batches(batches, lengths, num_processes):
     """Give each batch to the least-loaded process (padded tokens), longest first. The batches themselves never
     depend on the number of processes, so every log-prob is computed in the same batch as in a single-process run."""
-    loads = [0] * num_processes
-    owner = []
+    loads, owner = [0] * num_processes, []
     for batch in batches:
         rank = loads.index(min(loads))
         loads[rank] += len(batch) * max(lengths[i] for i in batch)
@@ -154,9 +109,10 @@ def start_processes():
 
 
 def score_sequences(seqs, scorers, pad_id, state, batch_tokens, dtype, counts):
-    """(policy, reference) log-probs of every sequence [(ids, completion_start)], in order. The length-sorted batches
-    never depend on the number of processes; each process scores its share and all of them get every result."""
+    """(policy, reference) log-probs of every sequence [(ids, completion_start)], in order: each process scores its
+    share of the batches and all of them get every result."""
     import torch
+    from accelerate.utils import gather_object
 
     lengths = [len(ids) for ids, _ in seqs]
     batches = make_batches(lengths, batch_tokens)
@@ -167,13 +123,7 @@ def score_sequences(seqs, scorers, pad_id, state, batch_tokens, dtype, counts):
             group = [seqs[i] for i in batch]
             mine.extend(zip(batch, *(trl_internals.batch_logps(m, group, pad_id, state.device, autocast)
                                      for m in scorers)))
-    if state.num_processes > 1:
-        from accelerate.utils import gather_object
-
-        mine = gather_object(mine)
-    results = {i: (p, q) for i, p, q in mine}
-    if len(results) != len(seqs):
-        raise DiceError(f"internal error: {len(results)} of {len(seqs)} sequences came back")
+    results = {i: (p, q) for i, p, q in gather_object(mine)}  # one process: gather_object returns `mine`
     counts["forward_tokens"] += sum(lengths)
     counts["padded_tokens"] += sum(len(b) * lengths[b[0]] for b in batches)
     counts["completion_tokens"] += sum(len(ids) - max(start, 1) for ids, start in seqs)
@@ -184,29 +134,27 @@ def chunk_logps(chunk, tokenizer, scorers, state, args, counts):
     """The log-probs of a chunk of (where, row): each row tokenized as TRL does, all its sequences scored together.
     Returns, per row in input order, (policy log-probs, reference log-probs, kept, completion starts): one entry per
     response (pairs mode: chosen, rejected); a sequence TRL drops (`kept` False) gets 0.0 (nothing left to score)."""
-    seqs, owners, row_seqs, row_starts = [], [], [], []  # the chunk's sequences; (row, slot) of each; per row
-    for r, (_, row) in enumerate(chunk):
+    rows = []  # per row: its sequences (None where TRL drops one) and their completion starts
+    for _, row in chunk:
         these, starts, c = tokenize_row(tokenizer, row, args.mode, args.max_length, args.truncation_mode)
-        for key in ("truncated", "prompt_too_long", "boundary_merges"):
+        for key in c:
             counts[key] += c[key]
         counts["rows_with_split_mismatch"] += 0 < c["boundary_merges"] < len(these)
-        row_seqs.append(these)
-        row_starts.append(starts)
-        owners += [(r, k) for k, s in enumerate(these) if s is not None]
-        seqs += [s for s in these if s is not None]
-    logps = score_sequences(seqs, scorers, padding_id(tokenizer), state, args.batch_tokens, args.dtype, counts)
-    lookup = dict(zip(owners, logps))
-    for (r, k), (p, q) in lookup.items():
-        if not (math.isfinite(p) and math.isfinite(q)):
-            raise DiceError(f"{chunk[r][0]}: non-finite log-prob (policy {p}, reference {q}) for "
-                            f"sequence {k}; the model produced nan/inf (with --dtype bfloat16 try float32); nothing "
-                            "was written")
-    out = []
-    for r, these in enumerate(row_seqs):
-        policy, reference = zip(*(lookup.get((r, k), (0.0, 0.0)) for k in range(len(these))))
-        out.append((list(policy), list(reference), [s is not None for s in these], row_starts[r]))
         counts["rows"] += 1
         counts["sequences"] += len(these)
+        rows.append((these, starts))
+    # TRL pads with the pad token, else EOS; padding is masked out, so any id will do when the tokenizer has neither
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    seqs = [s for these, _ in rows for s in these if s is not None]
+    logps = iter(score_sequences(seqs, scorers, pad_id or 0, state, args.batch_tokens, args.dtype, counts))
+    out = []
+    for (where, _), (these, starts) in zip(chunk, rows):
+        both = [(0.0, 0.0) if s is None else next(logps) for s in these]  # (policy, reference) per sequence
+        for k, (p, q) in enumerate(both):
+            if not (math.isfinite(p) and math.isfinite(q)):
+                raise DiceError(f"{where}: non-finite log-prob (policy {p}, reference {q}) for sequence {k}; the "
+                                "model produced nan/inf (with --dtype bfloat16 try float32); nothing was written")
+        out.append(([p for p, _ in both], [q for _, q in both], [s is not None for s in these], starts))
     return out
 
 
@@ -241,8 +189,7 @@ def check_row(row, where):
 
 
 def read_input(source, split, mode):
-    """Yield (where, row) for every input row (data.read_rows: any file or dataset shape); in pairs mode the row's
-    prompt/chosen/rejected are rewritten in the project's pair shape (data.read_pair), its other fields kept."""
+    """(where, row) of every input row; pairs: prompt/chosen/rejected as data.read_pair reads them, the rest kept."""
     for where, row in data.read_rows(source, split):
         yield where, ({**row, **data.read_pair(row, where)} if mode == "pairs" else row)
 
@@ -256,18 +203,6 @@ def check_input(source, split, mode):
     if num_rows == 0:
         raise DiceError(f"{source} has no rows")
     return num_rows, num_seqs
-
-
-def chunks(source, split, mode, chunk_rows):
-    """Stream (where, row) in lists of chunk_rows rows (the rows were already checked)."""
-    chunk = []
-    for where, row in read_input(source, split, mode):
-        chunk.append((where, row))
-        if len(chunk) == chunk_rows:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
 
 
 # ----------------------------------------------------------------------------- counts and the report
