@@ -7,9 +7,8 @@ Round t minimizes the DPO loss (Rafailov et al. 2023, Eq. 7; Chen et al. 2025, S
 
 log pi(y|x) the sum of the response's token log-probs as TRL 1.16's DPOTrainer computes it for chat rows (round 0: the
 same step from the SFT model on offline pairs). The paper's settings (sail-sg/dice pipeline.sh) are the defaults: beta
-0.1, lr 5e-7, 300 steps x 32 pairs (1 x 4 accumulation x 8 GPUs), bf16, max length 4096, 576 held-out pairs. The rate
-is flat from step 1: the script passes `--lr_scheduler_type constant --warmup_steps 50`, but transformers' `constant`
-schedule ignores warmup; hence --warmup_steps 0, and a warmup with `constant` is refused (constant_with_warmup has one).
+0.1, lr 5e-7, 300 steps x 32 pairs (1 x 4 accumulation x 8 GPUs), bf16, max length 4096, 576 held-out pairs; its
+`--warmup_steps 50` has no effect with transformers' `constant` schedule (flat from step 1): 0 here, and refused.
 Reference log-probs are reused: 03's pairs carry ref_chosen_logps/ref_rejected_logps, which 02 computed with pi_{t-1},
 so no reference model is loaded (rows without them, or truncated by --max_length, get TRL's precompute with --model).
 The pairs' done marker names the policy that scored them: any other --model is refused (--reuse_ref_logps False
@@ -187,9 +186,8 @@ def main(model: str, pairs: str, out: str, split: str = "train", chat_template: 
         state.print(f"example pair ({example['where']}):\n" + "\n".join(
             f"  {key}: {example[key][-1]['content'][:200]!r}" for key in ("prompt", "chosen", "rejected")))
         with config.main_process_first(local=False, desc="datasets"):  # written by the main process, then read
-            train_dataset, eval_dataset = (
-                trl_internals.to_dataset(split_rows, args.reuse_ref_logps, f"{work}/data/{name}", st.main)
-                for name, split_rows in (("train", train_rows), ("eval", eval_rows)))
+            train_dataset = trl_internals.to_dataset(train_rows, args.reuse_ref_logps, f"{work}/data/train", st.main)
+            eval_dataset = trl_internals.to_dataset(eval_rows, args.reuse_ref_logps, f"{work}/data/eval", st.main)
         started = time.time()
         trainer = trl_internals.dice_dpo_trainer()(
             model=policy, ref_model=reference, args=config, train_dataset=train_dataset, eval_dataset=eval_dataset,

@@ -1,5 +1,5 @@
-"""The figures: 03's three (the alpha scan, rewards and lengths of its pairs) and tools/report.py's per-round ones.
-matplotlib's Agg backend, imported only when a figure is drawn; every PNG is written atomically."""
+"""The figures: 03's three (the alpha scan, rewards and lengths of its pairs), tools/report.py's per-round ones and
+04's loss.png. matplotlib's Agg backend, imported only when a figure is drawn; every PNG is written atomically."""
 import math
 import os
 
@@ -96,3 +96,19 @@ def report_figures(out, rows):
                xticks=[r["round"] for r in evaluated])
         save(fig, "report_eval.png")
     return written
+
+
+def loss_figure(log_history, path):
+    """04's loss.png: train/eval loss, reward accuracy and reward margin against the step."""
+    plt = _pyplot()
+    panels = [("loss", "DPO loss"), ("rewards/accuracies", "reward accuracy"), ("rewards/margins", "reward margin")]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
+    for ax, (key, title) in zip(axes, panels):
+        for prefix, label in (("", "train"), ("eval_", "eval")):
+            points = [(e["step"], e[prefix + key]) for e in log_history if prefix + key in e]
+            if points:
+                ax.plot(*zip(*points), marker="o" if len(points) < 30 else None, label=label)
+        ax.set(title=title, xlabel="step")
+        ax.legend()
+    fig.tight_layout()
+    _save(plt, fig, path)

@@ -1,20 +1,15 @@
-"""TRL as the stages drive it, every use of its private internals in this one module, pinned to the version below.
+"""TRL as the stages drive it: every use of its private internals is here, each marked `TRL 1.16.0 internal`.
 
-02 computes log-probs exactly as TRL's DPOTrainer does, and 04 feeds DPOTrainer reference log-probs it already has.
-Both reach past TRL's public API; tests/test_trl_internals.py fails when the installed TRL differs from TRL_VERSION or
-when one of these internals moves, so a TRL upgrade is a deliberate act (checked against TRL 1.16.0):
-  - trl.trainer.utils.add_fused_lm_head, the model's `fused_lm_head=True` forward and its `log_probs` output: the
-    chunked LM head TRL sums completion log-probs with (02's scoring uses it, so its numbers are TRL's);
-  - trl.trainer.utils._use_triton: asked to say yes on every device, so the fused head projects only completion
-    positions (02, faster on CPUs, same values);
-  - DPOTrainer._precompute_ref_logps(dataset, name, batch_size), overridden so that reference log-probs already in
-    the dataset are used as they are, and trl.trainer.dpo_trainer.hash_module, patched while DPOTrainer.__init__ sets
-    _precompute_model_hash (04's DiceDPOTrainer);
-  - the columns of DPOTrainer's tokenized datasets (prompt_ids, chosen_ids, rejected_ids), read for 04's counts, and
-    its precompute cache, a file beside the dataset's own (hence 04's datasets on disk: `to_dataset`);
-  - transformers' Trainer writes a checkpoint's trainer_state.json last (`latest_checkpoint`, `work_folder`).
-04's command line meets DPOConfig here too: its field names (`dpo_config_fields`, for cli.run), their values typed by
-transformers' HfArgumentParser (`dpo_options`), and the DPOConfig itself (`dpo_config`).
+tests/test_trl_internals.py fails when the installed TRL is not TRL_VERSION or one of these internals moved, so a TRL
+upgrade is a deliberate act: re-read each of them.
+  - trl.trainer.utils.add_fused_lm_head, the model's `fused_lm_head=True` forward and its `log_probs`: 02's log-probs
+    are TRL's (batch_logps, load_scorer); trl.trainer.utils._use_triton, made to say yes on every device so that the
+    head projects only completion positions (completion_positions_only: faster on CPUs, same values);
+  - DPOTrainer._precompute_ref_logps(dataset, name, batch_size), overridden to keep the reference log-probs a dataset
+    has, its cache beside the dataset's files (hence to_dataset), trl.trainer.dpo_trainer.hash_module, patched while
+    __init__ sets _precompute_model_hash, and the tokenized columns (TOKENIZED_COLUMNS): 04's DiceDPOTrainer;
+  - transformers' Trainer writes a checkpoint's trainer_state.json last (latest_checkpoint, work_folder).
+04's command line meets DPOConfig here too (dpo_config_fields, dpo_options, dpo_config).
 """
 import contextlib
 import functools
@@ -33,23 +28,14 @@ TOKENIZED_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")  # TRL 1.16.0 i
 
 # ----------------------------------------------------------------------------- 02: TRL's log-probs
 
-@contextlib.contextmanager
 def completion_positions_only():
-    """TRL's fused LM head projects only the completion positions where Triton runs (GPUs) and every position
-    elsewhere, masking afterwards. Ask for the former on every device: the same per-token log-probs up to float
-    rounding (the tests compare with TRL's own CPU path), about 10% faster on CPUs when most tokens are prompt. If
-    the private switch moves in another TRL version, TRL's own choice stays (slower, equally exact)."""
+    """A context in which TRL's fused LM head projects only the completion positions on every device, as it does where
+    Triton runs (GPUs), not every position then masking (elsewhere): the same per-token log-probs up to float rounding
+    (the tests compare with TRL's own CPU path), about 10% faster on CPUs when most tokens are prompt."""
     import trl.trainer.utils as trl_utils
 
-    original = getattr(trl_utils, "_use_triton", None)  # TRL 1.16.0 internal: _use_triton(device) -> bool
-    if original is None:
-        yield
-        return
-    trl_utils._use_triton = lambda device: True
-    try:
-        yield
-    finally:
-        trl_utils._use_triton = original
+    # TRL 1.16.0 internal: _use_triton(device) -> bool
+    return mock.patch.object(trl_utils, "_use_triton", lambda device: True)
 
 
 def batch_logps(model, seqs, pad_id, device, autocast_dtype=None):
@@ -59,17 +45,16 @@ def batch_logps(model, seqs, pad_id, device, autocast_dtype=None):
 
     width = max(len(ids) for ids, _ in seqs)
     input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    completion_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    labels = torch.full_like(input_ids, -100)
     for b, (ids, start) in enumerate(seqs):
         input_ids[b, : len(ids)] = torch.tensor(ids)
         attention_mask[b, : len(ids)] = 1
-        completion_mask[b, start : len(ids)] = 1
-    input_ids, attention_mask, completion_mask = (t.to(device) for t in (input_ids, attention_mask, completion_mask))
-    labels = input_ids.masked_fill(completion_mask == 0, -100)
+        labels[b, start : len(ids)] = torch.tensor(ids[start:])
+    input_ids, attention_mask, labels = (t.to(device) for t in (input_ids, attention_mask, labels))
     autocast = (torch.autocast(torch.device(device).type, dtype=autocast_dtype) if autocast_dtype is not None
                 else contextlib.nullcontext())
-    with torch.inference_mode(), autocast, completion_positions_only():  # TRL 1.16.0: the fused head's forward
+    with torch.inference_mode(), autocast, completion_positions_only():  # TRL 1.16.0 internal: the fused head
         out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True,
                     use_cache=False)
         per_token = out.log_probs[:, -(width - 1):]
@@ -102,8 +87,7 @@ RESERVED_OPTIONS = {
 
 
 def dpo_config_fields(reserved=True):
-    """The other flags 04 takes (cli.run's extra_flags): DPOConfig's fields, and the reserved names (refused with their
-    reason by dpo_options). Imports TRL, so cli.run calls it only when such a flag is given."""
+    """DPOConfig's field names and the reserved ones: cli.run's extra_flags (imports TRL: called only when needed)."""
     import dataclasses
 
     from trl import DPOConfig
@@ -112,41 +96,35 @@ def dpo_config_fields(reserved=True):
 
 
 def dpo_options(options):
-    """The extra command-line options (as fire parsed them) typed as DPOConfig fields by transformers'
-    HfArgumentParser, the parser of TRL's own scripts. Reserved names, unknown names (with a did-you-mean hint) and
-    bad values are one-line errors."""
+    """The extra options (as fire parsed them) typed as DPOConfig fields by transformers' HfArgumentParser, the parser
+    of TRL's own scripts; a reserved or unknown name or a bad value is one line."""
+    import argparse
     import difflib
 
     from transformers import HfArgumentParser
     from trl import DPOConfig
 
-    for name in options:
-        if name in RESERVED_OPTIONS:
-            raise DiceError(f"--{name} is not accepted: {RESERVED_OPTIONS[name]}")
     names, strings = dpo_config_fields(reserved=False), []
     for name, value in options.items():
+        if name in RESERVED_OPTIONS:
+            raise DiceError(f"--{name} is not accepted: {RESERVED_OPTIONS[name]}")
         if name not in names:
             close = difflib.get_close_matches(name, names, n=1)
-            hint = f" (did you mean --{close[0]}?)" if close else ""
-            raise DiceError(f"unknown option --{name}: neither an argument of 04_train_dpo.py nor a DPOConfig "
-                            f"field{hint}")
+            raise DiceError(f"unknown option --{name}: neither an argument of 04_train_dpo.py nor a DPOConfig field"
+                            + (f" (did you mean --{close[0]}?)" if close else ""))
         values = value if isinstance(value, (list, tuple)) else [value]  # fire reads 1,2 as a tuple: a list field
         strings += [f"--{name}", *(json.dumps(v) if isinstance(v, dict) else str(v) for v in values)]
-    parser = HfArgumentParser(DPOConfig)
-
-    def fail(message):  # argparse would print its usage and exit 2
-        raise DiceError(f"invalid training option: {message}")
-
-    parser.error = fail
-    parsed = vars(parser.parse_args(strings))
+    try:  # a one-line error, not argparse's usage text and exit
+        parsed = vars(HfArgumentParser(DPOConfig, exit_on_error=False).parse_args(strings))
+    except argparse.ArgumentError as e:
+        raise DiceError(f"invalid training option: {e}") from None
     return {name: parsed[name] for name in options}
 
 
 def dpo_config(extra, **fields):
     """DPOConfig(**fields) with the extra options (dpo_options) over them; a bad value is one line. bf16 "auto" = bf16
-    on a CUDA device that supports it, fp32 elsewhere (and never with fp16). Several processes without a GPU (torchrun,
-    accelerate launch) are joined into one run (DDP on gloo) only with use_cpu; without it each process would train
-    alone on all the data."""
+    on a CUDA device that supports it, fp32 elsewhere (never with fp16). Processes without a GPU (torchrun,
+    accelerate launch) form one DDP run (gloo) only with use_cpu, else each would train alone on all the data."""
     import torch
     from trl import DPOConfig
 
@@ -166,10 +144,9 @@ def dpo_config(extra, **fields):
 # ----------------------------------------------------------------------------- 04: DPOTrainer with supplied log-probs
 
 def to_dataset(rows, reuse_ref_logps, folder, main_process=True):
-    """The rows as a datasets.Dataset written to `folder` by the main process (anew) and loaded back by every process;
-    the reference columns only where they will be used; None for no rows. On disk, not in memory: TRL's precompute
-    caches its results beside the dataset's files and every process reads them there (an in-memory dataset's cache
-    lives in a per-process temporary folder the others cannot see)."""
+    """The rows as a datasets.Dataset written to `folder` by the main process (anew) and loaded back by every process,
+    the reference columns only where they will be used; None for no rows. On disk because TRL's precompute caches
+    beside the dataset's files, where every process reads it (an in-memory dataset's cache is per process)."""
     from datasets import Dataset, load_from_disk
 
     if not rows:
@@ -183,35 +160,34 @@ def to_dataset(rows, reuse_ref_logps, folder, main_process=True):
     return load_from_disk(folder)
 
 
+def truncated(dataset, max_length):
+    """Indices of the tokenized rows that training truncates: prompt + the longer response > max_length tokens."""
+    if max_length is None:
+        return []
+    lengths = zip(*(dataset[c] for c in TOKENIZED_COLUMNS))
+    return [i for i, (p, c, r) in enumerate(lengths) if len(p) + max(len(c), len(r)) > max_length]
+
+
 def rows_needing_ref_logps(dataset, max_length):
-    """Indices of tokenized rows whose reference log-probs must be computed: no supplied value, or a sequence that
-    training truncates (the supplied value covers the whole response, the training loss only the kept part)."""
-    supplied = REF_COLUMNS[0] in dataset.column_names
-    chosen = dataset[REF_COLUMNS[0]] if supplied else [None] * len(dataset)
-    prompt, chosen_ids, rejected_ids = (dataset[c] for c in TOKENIZED_COLUMNS)
-    return [
-        i for i in range(len(dataset))
-        if chosen[i] is None
-        or (max_length is not None and len(prompt[i]) + max(len(chosen_ids[i]), len(rejected_ids[i])) > max_length)
-    ]
+    """Indices of tokenized rows whose reference log-probs must be computed: no supplied value, or truncated (the
+    supplied value covers the whole response, the training loss only the kept part)."""
+    cut = set(truncated(dataset, max_length))
+    supplied = dataset[REF_COLUMNS[0]] if REF_COLUMNS[0] in dataset.column_names else [None] * len(dataset)
+    return [i for i, value in enumerate(supplied) if value is None or i in cut]
 
 
 @functools.cache
 def dice_dpo_trainer():
-    """The DiceDPOTrainer class, built on first use: importing TRL takes seconds, and a finished rerun answers "done
-    already" without it."""
+    """The DiceDPOTrainer class, built on first use (importing TRL takes seconds; a "done already" rerun needs none)."""
     import trl.trainer.dpo_trainer as trl_dpo
 
     class DiceDPOTrainer(trl_dpo.DPOTrainer):
-        """TRL 1.16's DPOTrainer, except that reference log-probs already in the dataset are used as they are.
+        """TRL's DPOTrainer, except that reference log-probs already in the dataset are used as they are.
 
-        TRL reads `ref_chosen_logps`/`ref_rejected_logps` from the batch only with precompute_ref_log_probs=True, and
-        its __init__ then recomputes every row with `_precompute_ref_logps` (which fails on the existing columns). This
-        subclass overrides that private method (TRL pinned to TRL_VERSION; tests/test_trl_internals.py checks it):
-        only rows that lack values, or that training truncates, go through TRL's precompute; the others keep theirs.
-        TRL's hash of every weight (the model half of its precompute cache key, `_precompute_model_hash`) is skipped:
-        04 writes its datasets anew in the run's own folder (to_dataset), so the cache found there is this run's.
-        """
+        TRL reads `ref_chosen_logps`/`ref_rejected_logps` from the batch only with precompute_ref_log_probs=True, when
+        its __init__ recomputes every row (`_precompute_ref_logps`, which fails on existing columns): here only the rows
+        that lack values or that training truncates. TRL's hash of every weight (the model half of its precompute cache
+        key) is skipped: 04's datasets are written anew in the run's own folder, so the cache there is this run's."""
 
         def __init__(self, *args, **kwargs):
             self.ref_logps_counts = {}
@@ -220,32 +196,27 @@ def dice_dpo_trainer():
                 super().__init__(*args, **kwargs)
 
         def _precompute_ref_logps(self, dataset, name, batch_size):  # TRL 1.16.0 internal, same signature
-            if len(dataset) == 0:
-                raise DiceError(f"no {name} pair is left: TRL drops pairs whose prompt alone is >= max_length tokens")
             todo = rows_needing_ref_logps(dataset, self.args.max_length)
             self.ref_logps_counts[name] = {"supplied": len(dataset) - len(todo), "computed": len(todo)}
             if not todo:
                 return dataset
             present = [c for c in REF_COLUMNS if c in dataset.column_names]
-            if len(todo) == len(dataset):
+            if len(todo) == len(dataset):  # TRL's own precompute, as it is
                 return super()._precompute_ref_logps(dataset.remove_columns(present), name, batch_size)
             computed = super()._precompute_ref_logps(dataset.select(todo).remove_columns(present), name, batch_size)
-            values = {c: list(dataset[c]) for c in REF_COLUMNS}
-            for c in REF_COLUMNS:  # positions within this very dataset: select() keeps the order of `todo`
-                for j, i in enumerate(todo):
-                    values[c][i] = computed[c][j]
-            dataset = dataset.remove_columns(present)
-            for c in REF_COLUMNS:
-                dataset = dataset.add_column(c, values[c])
+            for c in REF_COLUMNS:  # select() kept the order of `todo`
+                values = list(dataset[c])
+                for i, value in zip(todo, computed[c]):
+                    values[i] = value
+                dataset = dataset.remove_columns(c).add_column(c, values)
             return dataset
 
     return DiceDPOTrainer
 
 
 def preparation(trainer, n_pairs, n_train, n_eval, started):
-    """What the trainer made of the pairs, for the record: pairs read, held out, dropped by TRL (prompt alone >=
-    max_length) and truncated per split; where the reference log-probs come from; whether a reference model is held;
-    the seconds since `started` (tokenization and precompute)."""
+    """For the record: pairs read, held out, dropped by TRL (prompt alone >= max_length) and truncated per split;
+    where the reference log-probs come from; whether a reference model is held; seconds since `started`."""
     max_length, counts = trainer.args.max_length, {"pairs": n_pairs, "train": n_train, "eval": n_eval}
     for split, dataset, n in (("train", trainer.train_dataset, n_train), ("eval", trainer.eval_dataset, n_eval)):
         if dataset is None:
@@ -253,9 +224,8 @@ def preparation(trainer, n_pairs, n_train, n_eval, started):
         if len(dataset) == 0:
             raise DiceError(f"no {split} pair is left: TRL drops pairs whose prompt alone is >= max_length "
                             f"({max_length}) tokens")
-        lengths = zip(*(dataset[c] for c in TOKENIZED_COLUMNS))
         counts[f"{split}_dropped_long_prompt"] = n - len(dataset)
-        counts[f"{split}_truncated"] = sum(len(p) + max(len(c), len(r)) > max_length for p, c, r in lengths)
+        counts[f"{split}_truncated"] = len(truncated(dataset, max_length))
     online = not trainer.args.precompute_ref_log_probs
     return {"counts": counts, "reference_model_in_memory": trainer.ref_model is not None,
             "reference_logps": "reference model forward at every step" if online else trainer.ref_logps_counts,
