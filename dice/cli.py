@@ -77,6 +77,11 @@ def check_command_line(main, argv, extra_flags=None):
         else:
             raise DiceError(f"unknown flag {token.split('=', 1)[0]}{_did_you_mean(key, params)}; see --help")
         i += 1 if "=" in token or bare else 2  # --name value: the next token is the value
+    if others and extra_flags is not None:  # a misspelt flag first: a missing one may be its consequence
+        known = set(extra_flags())
+        for key in others:
+            if key not in known:
+                raise DiceError(f"unknown flag --{key}{_did_you_mean(key, [*params, *known])}; see --help")
     free = [n for n, p in params.items() if n not in given and p.kind == kinds.POSITIONAL_OR_KEYWORD]
     if len(positional) > len(free) and not takes_rest:
         raise DiceError(f"unexpected argument {positional[len(free)]!r} (flags are written --name value); see --help")
@@ -84,11 +89,6 @@ def check_command_line(main, argv, extra_flags=None):
     missing = [n for n, p in params.items() if p.default is p.empty and n not in given]
     if missing:
         raise DiceError(f"--{missing[0]} is required; see --help")
-    if others and extra_flags is not None:
-        known = set(extra_flags())
-        for key in others:
-            if key not in known:
-                raise DiceError(f"unknown flag --{key}{_did_you_mean(key, [*params, *known])}; see --help")
 
 
 def _did_you_mean(key, names):

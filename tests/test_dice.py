@@ -195,6 +195,7 @@ def test_flags_converts_by_the_signature_and_checks_the_ranges_of_the_args_lines
     (["--model=m", "--engin=hf"], "unknown flag --engin (did you mean --engine?)"),
     (["--model", "m", "--zzz"], "unknown flag --zzz; see --help"),
     (["--num", "3"], "--model is required"),
+    (["--modle", "m"], "unknown flag --modle (did you mean --model?)"),  # the typo, not its consequence
     (["m", "4", "0.5", "hf", "1", "auto", "true", "n", "extra"], "unexpected argument 'extra'"),
     (["--model", "m", "-x"], "unknown flag -x"),
 ])
@@ -226,6 +227,8 @@ def test_options_are_checked_against_the_names_main_accepts_beside_its_own():
     cli.check_command_line(main, ["--model", "m"], extra)
     assert not asked  # no other flag given: the names are not even looked up (04: importing TRL takes seconds)
     cli.check_command_line(main, ["--model", "m", "--eval_steps", "3"], extra)
+    with pytest.raises(DiceError, match=re.escape("unknown flag --modl (did you mean --model?)")):
+        cli.check_command_line(main, ["--modl", "m"], extra)  # named before "--model is required"
     with pytest.raises(DiceError, match=re.escape("unknown flag --eval_step (did you mean --eval_steps?)")):
         cli.check_command_line(main, ["--model", "m", "--eval_step", "3"], extra)
 
@@ -340,3 +343,23 @@ def test_read_rows_reads_every_format_users_hold(tmp_path):
         list(data.read_rows(str(tmp_path / "saved"), "nope"))
     with pytest.raises(DiceError, match="expected a .jsonl, .json or .parquet file"):
         list(data.read_rows(str(tmp_path / "r.txt")))
+
+
+SCRIPTS = ["01_generate.py", "02_score.py", "03_build_pairs.py", "04_train_dpo.py", "tools/judge_rm.py",
+           "tools/merge_shards.py", "tools/node_check.py", "tools/prepare_ultrafeedback.py", "tools/report.py",
+           "tools/smollm2.py", "tools/tiny_model.py"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_stage_and_tool_answers_help_and_refuses_an_unknown_flag_before_any_work(script, tmp_path):
+    """--help: exit 0, the flags on stdout, nothing else (smollm2.py would otherwise fetch and build a 538 MB model:
+    its cache stays empty). An unknown flag: one line, exit 2, nothing written in the working folder."""
+    env = {**os.environ, "DICE_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    path = os.path.join(ROOT, script)
+    ok = subprocess.run([sys.executable, path, "--help"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert ok.returncode == 0 and ok.stdout.startswith(f"usage: python {os.path.basename(script)}") and ok.stderr == ""
+    bad = subprocess.run([sys.executable, path, "--no_such_flag", "1"], cwd=tmp_path, env=env, capture_output=True,
+                         text=True)
+    assert bad.returncode == 2 and bad.stdout == "" and bad.stderr.count("\n") == 1
+    assert bad.stderr.startswith("error: unknown flag --no_such_flag") and bad.stderr.endswith("; see --help\n")
+    assert os.listdir(tmp_path) == []
