@@ -82,6 +82,7 @@ source "$PRESET"
 : "${STOP_TOKEN_IDS:=}"              # extra stop token ids, comma-separated (Llama-3: 128001,128009)
 : "${GEN_ENGINE:=auto}"              # auto | vllm | hf
 : "${TP_SIZE:=1}"                    # GPUs per generation worker (vLLM tensor parallelism)
+: "${GEN_DTYPE:=}"                   # 01's --dtype (empty = its default: fp32 on a CPU, bf16 on a GPU)
 : "${SCORE_DTYPE:=}"                 # 02's --dtype (empty = its default)
 : "${SCORE_OFFLINE:=1}"              # 1: score OFFLINE_PREFS with the round's policy so training reuses its log-probs
 : "${MIN_VALID:=8}"                  # drop prompts with fewer valid responses (paper 8 of 16)
@@ -256,6 +257,7 @@ PROMPT_ARGS=()
 [[ -z $PROMPT_FIELD ]] || PROMPT_ARGS+=(--prompt_field "$PROMPT_FIELD")
 DECODE_ARGS=()  # 01's flags shared by the rounds' samples and the AlpacaEval answers (beside the sampling settings)
 [[ -z $STOP_TOKEN_IDS ]] || DECODE_ARGS+=(--stop_token_ids "$STOP_TOKEN_IDS")
+[[ -z $GEN_DTYPE ]] || DECODE_ARGS+=(--dtype "$GEN_DTYPE")
 ((TP_SIZE == 1)) || DECODE_ARGS+=(--tensor_parallel_size "$TP_SIZE")
 
 score() {  # score NAME --responses|--pairs INPUT OUTPUT POLICY REFERENCE: 02_score.py, rewards log pi - log pi_ref
