@@ -728,7 +728,7 @@ def test_demo_preset_runs_with_smollm2_scaled_down(smollm2, tmp_path):
     """The default preset as a user runs it, on the real SmolLM2-135M-Instruct, made small (6 prompts, 1 round, 2 steps,
     20 offline pairs): round 0 trains pi_0, round 1 samples, scores, builds pairs and trains pi_1 with the generated
     pairs' reference log-probs supplied by stage 2 and only the replayed pairs' computed by stage 4 (SCORE_OFFLINE=0).
-    About 3 minutes on 2 CPU cores; the full demo (17 min) is measured in the README."""
+    About 3 minutes on 2 CPU cores; the full demo (11 min) is measured in the README."""
     offline, held_out = tmp_path / "prefs.jsonl", tmp_path / "eval.jsonl"
     offline.write_text("".join(open(os.path.join(ROOT, "data/demo/preferences.jsonl")).readlines()[:20]))
     held_out.write_text("".join(open(os.path.join(ROOT, "data/demo/eval_preferences.jsonl")).readlines()[:6]))
@@ -738,8 +738,9 @@ def test_demo_preset_runs_with_smollm2_scaled_down(smollm2, tmp_path):
     pi0, pi1 = out / "round_0" / "model", out / "round_1" / "model"
     gen, = _commands(out / "round_1" / "logs" / "generate.log")
     assert f"--model {pi0} " in gen and "--max_new_tokens 128 " in gen and "--num_samples 4 " in gen
+    assert "--dtype bfloat16" in gen  # the demo samples and scores in bf16 (its 12-minute budget on 2 cores)
     score, = _commands(out / "round_1" / "logs" / "score.log")
-    assert f"--policy {pi0} --reference {smollm2} " in score
+    assert f"--policy {pi0} --reference {smollm2} " in score and "--dtype bfloat16" in score
     rows = read_jsonl(out / "round_1" / "responses.jsonl")
     assert len(rows) == 6 and all(len(r["responses"]) == 4 for r in rows)
     scored = {r["prompt_id"]: r for r in read_jsonl(out / "round_1" / "scores.jsonl")}
