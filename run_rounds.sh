@@ -8,7 +8,7 @@
 #
 # Hardware and expected time:
 #   configs/tiny.env       any CPU, offline, random 2-layer models: a few minutes on 2 cores (the tests use it)
-#   configs/demo.env       any CPU, SmolLM2-135M-Instruct, round 0 + 2 rounds on data/demo: ~20 min on 2 cores
+#   configs/demo.env       any CPU, SmolLM2-135M-Instruct, round 0 + 2 rounds on data/demo: ~11 min on 2 cores
 #   configs/node-check.env any GPU node, SmolLM2-135M through the GPU code paths: minutes (run it before the 8B run)
 #   configs/llama3-8b.env  one node with 8 x 80 GB GPUs (the paper's setup); zephyr-7b.env the same
 #
