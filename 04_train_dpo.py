@@ -59,8 +59,8 @@ def read_pairs(source, split):
 def check_reference(pairs, model):
     """pi_ref = pi_{t-1}: the reference log-probs the pairs carry are those of the policy 02 scored them with, named
     by 03 in their done marker. Pairs without one, or edited since (the marker no longer matches): a user's file."""
-    marker = protocol.read_marker(pairs)
-    if not marker or marker.get("output", {}).get("fingerprint") != protocol.fingerprint(pairs):
+    marker = protocol.finished_marker(pairs)
+    if marker is None:
         return
     mine = protocol.fingerprint(model)
     for policy in (marker.get("reference_logps_policy") or {}).values():

@@ -161,10 +161,9 @@ def reference_policy(path, fingerprint, rows, source):
                                                       r["ref_rejected_logps"] is not None) for r in rows):
         return None
     try:
-        marker = protocol.read_marker(path)
-        policy, current = marker["inputs"]["policy"], marker["output"]["fingerprint"] == fingerprint
-        return {"path": policy["path"], "fingerprint": policy["fingerprint"]} if current else None
-    except (TypeError, KeyError):  # no marker, or one without these fields
+        policy = protocol.finished_marker(path, fingerprint)["inputs"]["policy"]
+        return {"path": policy["path"], "fingerprint": policy["fingerprint"]}
+    except (TypeError, KeyError):  # no marker that matches the input, or one without these fields
         return None
 
 

@@ -93,8 +93,8 @@ class Stage:
             self._acquire()
         self.input_fingerprints = {k: fingerprint(v) for k, v in self.inputs.items()}
         self.settings = {"args": _comparable(self.args, self.inputs, self.ignore), "inputs": self.input_fingerprints}
-        finished = read_marker(self.out)
-        if finished is not None and finished.get("output", {}).get("fingerprint") == fingerprint(self.out):
+        finished = finished_marker(self.out)
+        if finished is not None:
             inputs = {k: v.get("fingerprint") for k, v in finished.get("inputs", {}).items()}
             changed = self._changes({"args": finished.get("settings", {}).get("args", {}), "inputs": inputs})
             if not changed:
@@ -284,3 +284,13 @@ def read_marker(path):
     except (OSError, ValueError):
         return None
     return marker if isinstance(marker, dict) else None
+
+
+def finished_marker(path, current=None):
+    """The done marker of the output `path` when it vouches for the output as it is now (the fingerprint it records is
+    the output's: `current`, when the caller has computed it, else computed here); None for a missing, unreadable or
+    stale marker (the output was changed or replaced since)."""
+    marker = read_marker(path)
+    if marker is None or not os.path.lexists(path) or not isinstance(marker.get("output"), dict):
+        return None
+    return marker if marker["output"].get("fingerprint") == (current or fingerprint(path)) else None

@@ -27,7 +27,7 @@ def merge(shards, order):
         marker, name = protocol.read_marker(s), os.path.basename(protocol.done_marker(s))
         if marker is None:
             raise DiceError(f"shard {s} is not finished (no readable {name})")
-        if not os.path.isfile(s) or marker.get("output", {}).get("fingerprint") != protocol.fingerprint(s):
+        if not os.path.isfile(s) or protocol.finished_marker(s) is None:
             raise DiceError(f"shard {s} is not finished ({name} does not match the file)")
     by_id = {}
     for s in shards:

@@ -39,17 +39,7 @@ PAPER_WORK = dict(prompts=10_000, samples=16, new_tokens=450, sequence_tokens=60
 PAPER_PARAMS = {"llama3-8b": 8.03e9, "zephyr-7b": 7.24e9}  # Llama-3-8B, Mistral-7B
 
 
-# ----------------------------------------------------------------------------- parsing: markers, logs, safetensors
-
-def read_marker(path):
-    """The done marker of the output `path` (a dict), or None."""
-    try:
-        with open(protocol.done_marker(path), encoding="utf-8") as f:
-            marker = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return marker if isinstance(marker, dict) else None
-
+# ----------------------------------------------------------------------------- parsing: logs, safetensors
 
 def last_line(path):
     """The last non-blank line of a log, <= 200 chars (text mode ends lines at a progress bar's carriage returns)."""
@@ -61,7 +51,7 @@ def last_line(path):
 def shard_markers(round_dir):
     """Done markers of 01's data-parallel shard files (round_t/shards/responses.I-of-N.jsonl), when there are any."""
     paths = sorted(glob.glob(os.path.join(round_dir, "shards", "responses.*-of-*.jsonl")))
-    return [m for m in map(read_marker, paths) if m is not None]
+    return [m for m in map(protocol.read_marker, paths) if m is not None]
 
 
 def stage_status(out, t, stage):
@@ -71,7 +61,8 @@ def stage_status(out, t, stage):
     round_dir = os.path.join(out, f"round_{t}")
     output = os.path.join(round_dir, report.OUTPUTS[stage])
     if report.finished(output):
-        seconds, shards = read_marker(output).get("seconds"), shard_markers(round_dir) if stage == "generate" else []
+        seconds = protocol.read_marker(output).get("seconds")
+        shards = shard_markers(round_dir) if stage == "generate" else []
         if shards:
             seconds = max(m.get("seconds") or 0 for m in shards) + (seconds or 0)
         return "passed", seconds, None
@@ -116,7 +107,7 @@ def check_model(out):
     """The check model's folder: round_0/model when round 0 trained it, else the model round 1 generated with."""
     candidates = [os.path.join(out, "round_0", "model")]
     for t in rounds_of(out):
-        marker = read_marker(os.path.join(out, f"round_{t}", "responses.jsonl")) or {}
+        marker = protocol.read_marker(os.path.join(out, f"round_{t}", "responses.jsonl")) or {}
         candidates.append(str(marker.get("inputs", {}).get("model", {}).get("path", "")))
     return next((c for c in candidates if c and glob.glob(os.path.join(c, "*.safetensors"))), None)
 
@@ -126,7 +117,7 @@ def train_throughput(model_dir):
     prompt + chosen and prompt + rejected, counted up to the last logged step and extended to global_step) over
     train_runtime; 3 passes for forward + backward plus the share of pairs whose reference forward 04 ran itself
     (1 when it held a reference model). None when the marker or metrics.jsonl lack the figures."""
-    marker = read_marker(model_dir) or {}
+    marker = protocol.read_marker(model_dir) or {}
     path = os.path.join(model_dir, "metrics.jsonl")
     logged = [row for _, row in data.read_jsonl(path) if "num_tokens" in row] if os.path.isfile(path) else []
     if not logged or not marker.get("train_runtime") or not marker.get("global_step") or not logged[-1].get("step"):
@@ -149,11 +140,11 @@ def measured(out):
     gen, score, train = [], [], []
     for t in rounds_of(out):
         round_dir = os.path.join(out, f"round_{t}")
-        markers = shard_markers(round_dir) or [read_marker(os.path.join(round_dir, "responses.jsonl")) or {}]
+        markers = shard_markers(round_dir) or [protocol.read_marker(os.path.join(round_dir, "responses.jsonl")) or {}]
         rates = [m.get("tokens_per_second") for m in markers]
         if all(rates):
             gen.append(sum(rates))
-        rate = (read_marker(os.path.join(round_dir, "scores.jsonl")) or {}).get("tokens_per_second")
+        rate = (protocol.read_marker(os.path.join(round_dir, "scores.jsonl")) or {}).get("tokens_per_second")
         if rate:
             score.append(rate)
         if report.finished(os.path.join(round_dir, "model")):

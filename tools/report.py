@@ -39,11 +39,7 @@ OUTPUTS = {"generate": "responses.jsonl", "score": "scores.jsonl", "score_offlin
 
 def finished(path):
     """True when `path` is a finished stage output: its done marker records the fingerprint it has now."""
-    try:
-        recorded = protocol.read_marker(path)["output"]["fingerprint"]
-    except (KeyError, TypeError):  # no marker, or not one of protocol.stage's
-        return False
-    return os.path.exists(path) and recorded == protocol.fingerprint(path)
+    return protocol.finished_marker(path) is not None
 
 
 def _mean(values):
