@@ -2,8 +2,9 @@
 
 A data source is a .jsonl file (read here, so that an error names file:line), a .json file of JSON lines (the official
 DICE data files; read the same way), a .json list of objects, a .parquet file, a folder saved with datasets'
-`save_to_disk`, or a hub dataset id with a split (the last three read by `datasets`). Prompts are strings (one user
-turn) or chat messages; preference pairs come as strings, in TRL's conversational format or as full conversations.
+`save_to_disk`, or a hub dataset id with a split, ORG/NAME or ORG/NAME@REVISION (a branch, tag or commit) (the last
+three read by `datasets`). Prompts are strings (one user turn) or chat messages; preference pairs come as strings, in
+TRL's conversational format or as full conversations.
 """
 import hashlib
 import json
@@ -99,7 +100,10 @@ def _load_dataset(source, split):
         if os.path.isdir(source):
             data = datasets.load_from_disk(source)
             return data[split] if isinstance(data, datasets.DatasetDict) else data
-        return datasets.load_dataset(source, split=split)
+        from dice.models import split_revision  # here: dice.models imports this module
+
+        name, revision = split_revision(source)
+        return datasets.load_dataset(name, split=split, **({"revision": revision} if revision else {}))
     except Exception as e:  # FileNotFoundError, ConnectionError, ValueError (bad split), KeyError, ArrowInvalid ...
         raise DiceError(f"cannot load dataset {source} (split {split}): {str(e).strip().splitlines()[0]}") from None
 

