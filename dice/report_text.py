@@ -68,11 +68,16 @@ def markdown_table(headers, rows):
                      + ["| " + " | ".join(r) + " |" for r in rows])
 
 
-def judge_command(out, t, annotator):
-    """The alpaca_eval command that judges round t's outputs into OUT/round_t/alpaca_eval (out "" = relative)."""
+def judge_command(out, t, annotator, reference=None):
+    """The alpaca_eval command that judges round t's outputs into OUT/round_t/alpaca_eval (out "" = relative), as
+    run_rounds.sh runs it: `reference` the --reference_outputs (alpaca_eval 0.6.6 cannot load its own with
+    datasets >= 4), its annotation cache in the run folder, and nothing written into alpaca_eval's install."""
     folder = os.path.join(out, f"round_{t}", "alpaca_eval")
-    return (f"alpaca_eval --model_outputs {shlex.quote(os.path.join(folder, 'model_outputs.json'))} "
-            f"--annotators_config {shlex.quote(annotator)} --output_path {shlex.quote(folder)}")
+    reference = f"--reference_outputs {shlex.quote(reference)} " if reference else ""
+    return (f"alpaca_eval --model_outputs {shlex.quote(os.path.join(folder, 'model_outputs.json'))} {reference}"
+            f"--annotators_config {shlex.quote(annotator)} --output_path {shlex.quote(folder)} "
+            f"--caching_path {shlex.quote(os.path.join(folder, 'annotations_cache.json'))} "
+            "--metric_kwargs \"{'save_weights_dir': None}\"")
 
 
 def not_judged(rows):
@@ -98,17 +103,43 @@ def alpaca_eval_lines(rows, paper, annotator):
              "(round_t/alpaca_eval/model_outputs.json); win rates in % against GPT-4 Turbo's answers, from the judge's "
              "leaderboard.csv (LC = length-controlled)."
              + (f" The paper's numbers (Chen et al., ICLR 2025, Table 1) use the {PAPER_ANNOTATOR} judge." if paper
-                else ""), ""]
+                else ""), "", f"Judge: annotator `{annotator}`, alpaca_eval {alpaca_eval_version()}.", ""]
     if table:
         paper_headers = [f"paper LC ({paper})", f"paper WR ({paper})"] if paper else []
         lines += [markdown_table(headers + paper_headers, table), ""]
     if not_judged(rows):
         lines += ["Not judged yet: run in the run folder (where this report is), then rerun tools/report.py:", "",
-                  "```"] + [judge_command("", t, annotator) for t in not_judged(rows)] + ["```", ""]
+                  "```"] + [judge_command("", r["round"], annotator, r.get("ae_reference")) for r in rows
+                            if r["round"] in not_judged(rows)] + ["```", ""]
     notes = [f"- round {r['round']}: {note}" for r in rows for note in r.get("ae_notes", [])]
     if notes:
         lines += ["Judge notes:", ""] + notes + [""]
     return lines
+
+
+def alpaca_eval_version():
+    """The installed alpaca_eval package's version (the judge's code), or "not installed"."""
+    import importlib.metadata as md
+
+    try:
+        return md.version("alpaca_eval") + " (installed)"
+    except md.PackageNotFoundError:
+        return "not installed"
+
+
+def revision_lines(rows):
+    """report.md's table of the hub models and datasets the stages loaded, each with the commit its revision resolved
+    to (a row's `hub_inputs`, from the done markers); [] when every model and input was local."""
+    used = {}
+    for r in rows:
+        for name, commit, stage, flag in r.get("hub_inputs", []):
+            used.setdefault((name, commit), []).append(f"round {r['round']} {stage} (--{flag})")
+    if not used:
+        return []
+    table = [[f"`{name}`", f"`{commit}`", ", ".join(where)] for (name, commit), where in used.items()]
+    return ["## Models and data from the hub", "", "The commit each stage resolved the hub id to when it ran (its done "
+            "marker's inputs.NAME.revision); NAME@REVISION pins a branch, tag or commit. One id with two commits "
+            "changed upstream during the run.", "", markdown_table(["hub id", "commit", "used by"], table), ""]
 
 
 def reward_model_lines(rows):
@@ -154,7 +185,7 @@ def render(out, rows, plots, paper, annotator, sft):
               "- reward acc = the trainer's rewards/accuracies at the last logged step (training pairs);",
               "- eval accuracy = share of held-out pairs (EVAL_PREFS) where the implicit reward of (pi_t, pi_t-1) "
               "ranks chosen above rejected.", ""]
-    lines += alpaca_eval_lines(rows, paper, annotator) + reward_model_lines(rows)
+    lines += alpaca_eval_lines(rows, paper, annotator) + reward_model_lines(rows) + revision_lines(rows)
     if plots:
         lines += ["## Plots", ""] + [f"![{p[:-4]}]({p})" for p in plots] + [""]
     lines += ["## Rounds", ""]

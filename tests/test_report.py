@@ -1,21 +1,17 @@
-"""tools/report.py's AlpacaEval, reward-model judge, SFT and tracker parts, and tools/node_check.py, on hand-made run
-folders with hand-computed answers (no model, no network)."""
+"""tools/report.py's AlpacaEval, reward-model judge, SFT and tracker parts, on hand-made run folders with hand-computed
+answers (no model, no network). tools/node_check.py: tests/test_node_check.py."""
 import json
-import math
 import os
-import struct
 import sys
 import types
 
-import pytest
-
-import node_check
 import report
-from conftest import run_script
+from conftest import ROOT, run_script
 from dice import protocol, trackers
 
-COMMAND = ("alpaca_eval --model_outputs {o}round_{t}/alpaca_eval/model_outputs.json --annotators_config {a} "
-           "--output_path {o}round_{t}/alpaca_eval")
+COMMAND = ("alpaca_eval --model_outputs {o}round_{t}/alpaca_eval/model_outputs.json {r}--annotators_config {a} "
+           "--output_path {o}round_{t}/alpaca_eval --caching_path {o}round_{t}/alpaca_eval/annotations_cache.json "
+           "--metric_kwargs \"{{'save_weights_dir': None}}\"")  # the loop's own judge command
 HEADER = (",win_rate,standard_error,n_wins,n_wins_base,n_draws,n_total,discrete_win_rate,mode,avg_length,"
           "length_controlled_winrate,lc_standard_error\n")  # alpaca_eval 0.6.6's leaderboard.csv
 
@@ -34,14 +30,15 @@ def write_jsonl(path, rows, done=True, **record):
         finish(path, **record)
 
 
-def model_outputs(out, t, texts, done=True):
-    """round_t/alpaca_eval/model_outputs.json as 01 --format alpaca_eval writes it (generator run-round_t)."""
+def model_outputs(out, t, texts, done=True, instructions=None):
+    """round_t/alpaca_eval/model_outputs.json as 01 --format alpaca_eval writes it (generator run-round_t), answering
+    the `instructions` file (01's --prompts, in its marker's inputs) when given."""
     path = out / f"round_{t}" / "alpaca_eval" / "model_outputs.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps([{"instruction": i, "output": o, "generator": f"run-round_{t}"}
                                 for i, o in texts.items()]))
     if done:
-        finish(path)
+        finish(path, **({"inputs": {"prompts": {"path": instructions}}} if instructions else {}))
     return path
 
 
@@ -49,7 +46,8 @@ def model_outputs(out, t, texts, done=True):
 
 def test_alpaca_eval_table_beside_the_papers_numbers_with_commands_and_notes(tmp_path):
     for t in range(4):
-        model_outputs(tmp_path, t, {"Q1": "a" * (t + 1), "Q2": "b"}, done=t != 3)  # round 3's file is unfinished
+        model_outputs(tmp_path, t, {"Q1": "a" * (t + 1), "Q2": "b"}, done=t != 3,  # round 3's file is unfinished
+                      instructions="data/demo/eval_preferences.jsonl" if t == 2 else None)
     # a named annotator: alpaca_eval writes OUTPUT_PATH/ANNOTATOR/leaderboard.csv, with the precomputed models too
     board = tmp_path / "round_0" / "alpaca_eval" / "weighted_alpaca_eval_gpt4_turbo" / "leaderboard.csv"
     board.parent.mkdir()
@@ -70,12 +68,14 @@ def test_alpaca_eval_table_beside_the_papers_numbers_with_commands_and_notes(tmp
     assert "| 1 | run-round_1 | 24.75 | 25.50 | 1.29 | 2021 | 25.08 | 25.77 |" in text
     assert "| 2 | run-round_2 | - | - | - | - | 27.55 | 30.99 |" in text
     assert "| 3 |" not in text.split("## AlpacaEval 2")[1].split("Judge notes")[0]  # unfinished outputs: not read
-    assert COMMAND.format(o="", t=2, a="weighted_alpaca_eval_gpt4_turbo") in text  # relative to the run folder
-    assert COMMAND.format(o="", t=0, a="weighted_alpaca_eval_gpt4_turbo") not in text  # judged already
+    # the judge's reference: the instructions round 2 answered (the AE2 baseline file holds both), from the repository
+    reference = f"--reference_outputs {os.path.join(ROOT, 'data', 'demo', 'eval_preferences.jsonl')} "
+    assert COMMAND.format(r=reference, o="", t=2, a="weighted_alpaca_eval_gpt4_turbo") in text  # relative to OUT
+    assert COMMAND.format(r="", o="", t=0, a="weighted_alpaca_eval_gpt4_turbo") not in text  # judged already
     assert "- round 2: alpaca_eval skipped: OPENAI_API_KEY is not set\n" in text and "second line" not in text
     assert "- round 3: judge_rm failed: model not found" in text  # a note even without outputs
     assert "## Reward-model judge" not in text
-    command = COMMAND.format(o=str(tmp_path) + "/", t=2, a="weighted_alpaca_eval_gpt4_turbo")  # printed with OUT
+    command = COMMAND.format(r=reference, o=f"{tmp_path}/", t=2, a="weighted_alpaca_eval_gpt4_turbo")  # with OUT
     assert f"round 2 not judged yet: {command}" in proc.stdout
 
     rows = report.collect(str(tmp_path))
@@ -86,7 +86,7 @@ def test_alpaca_eval_table_beside_the_papers_numbers_with_commands_and_notes(tmp
     run_script(["python", "tools/report.py", "--out", tmp_path, "--plots", "false",
                 "--annotator", "alpaca_eval_llama3_70b_fn"])
     text = (tmp_path / "report.md").read_text()
-    assert COMMAND.format(o="", t=0, a="alpaca_eval_llama3_70b_fn") in text and "paper LC" not in text
+    assert COMMAND.format(r="", o="", t=0, a="alpaca_eval_llama3_70b_fn") in text and "paper LC" not in text
     assert "| 1 | run-round_1 | 24.75 | 25.50 | 1.29 | 2021 |" in text  # the path-config board is read for any judge
 
 
@@ -97,7 +97,7 @@ def test_a_leaderboard_without_the_rounds_model_is_a_note(tmp_path):
     run_script(["python", "tools/report.py", "--out", tmp_path, "--plots", "false"])
     text = (tmp_path / "report.md").read_text()
     assert "- round 1: round_1/alpaca_eval/leaderboard.csv has no row for run-round_1" in text
-    assert COMMAND.format(o="", t=1, a="weighted_alpaca_eval_gpt4_turbo") in text
+    assert COMMAND.format(r="", o="", t=1, a="weighted_alpaca_eval_gpt4_turbo") in text
 
 
 def test_no_alpaca_eval_outputs_no_section(tmp_path):
@@ -258,107 +258,3 @@ def test_wandb_and_trackio_get_the_figures_and_a_missing_or_failing_one_is_a_not
         "note: --report_to trackio: trackio is not installed; nothing logged there"]
     assert trackers.tracker_names("none") == [] and trackers.tracker_names(("tensorboard", "WandB")) == \
         ["tensorboard", "wandb"]
-
-
-# ----------------------------------------------------------------------------- tools/node_check.py
-
-def safetensors_file(path, shapes):
-    """A safetensors file written by hand: 8-byte little-endian header size, the JSON header, the float32 data."""
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
-    for name, shape in shapes.items():
-        size = 4 * math.prod(shape)
-        header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + size]}
-        offset += size
-    raw = json.dumps(header).encode()
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)) + raw + b"\0" * offset)
-
-
-def test_count_parameters_from_safetensors_headers(tmp_path):
-    safetensors_file(tmp_path / "model-00001-of-00002.safetensors", {"a": [3, 4], "b": [5]})  # 12 + 5
-    safetensors_file(tmp_path / "model-00002-of-00002.safetensors", {"c": [2, 2, 2]})  # 8
-    assert node_check.count_parameters(str(tmp_path)) == 25
-    numpy, save_file = pytest.importorskip("numpy"), pytest.importorskip("safetensors.numpy").save_file
-    (tmp_path / "other").mkdir()  # the same count for a file written by safetensors itself
-    save_file({"w": numpy.zeros((7, 3), dtype=numpy.float32), "s": numpy.zeros((), dtype=numpy.float32)},
-              str(tmp_path / "other" / "model.safetensors"))
-    assert node_check.count_parameters(str(tmp_path / "other")) == 22  # 21 + a scalar (shape [] = 1)
-    assert node_check.count_parameters(str(tmp_path / "nothing")) is None
-
-
-def check_run(out):
-    """A node check's run folder: round 0 trained (reference forward every step), round 1 generated in 2 shards,
-    scored, paired, and its training failed; score_offline never started."""
-    r0, r1 = out / "round_0", out / "round_1"
-    (r0 / "model").mkdir(parents=True)
-    safetensors_file(r0 / "model" / "model.safetensors", {"w": [10, 10]})  # 100 parameters
-    write_jsonl(str(r0 / "model" / "metrics.jsonl"), [{"loss": 0.7, "num_tokens": 1000.0, "step": 5},
-                                                      {"train_runtime": 5.0, "step": 5}], done=False)
-    finish(str(r0 / "model"), seconds=35.2, global_step=5, train_runtime=5.0,
-           reference_logps="reference model forward at every step")  # 200 tokens/s at 4 passes
-    write_jsonl(str(r0 / "eval_prefs.jsonl"), [], seconds=4.0, tokens_per_second=999.0)
-    write_jsonl(str(r1 / "shards" / "responses.0-of-2.jsonl"), [], seconds=20.0, tokens_per_second=100.0)
-    write_jsonl(str(r1 / "shards" / "responses.1-of-2.jsonl"), [{"x": 1}], seconds=25.0, tokens_per_second=150.0)
-    write_jsonl(str(r1 / "responses.jsonl"), [{"x": 1}], seconds=1.5)  # the merge: 25 + 1.5 s
-    write_jsonl(str(r1 / "scores.jsonl"), [], seconds=12.0, tokens_per_second=400.0)
-    write_jsonl(str(r1 / "pairs" / "pairs.jsonl"), [], seconds=0.8)
-    (r1 / "logs").mkdir()
-    (r1 / "logs" / "train.log").write_text("$ accelerate launch 04_train_dpo.py ...\n  5%|#   | 1/20\r 10%|##  | 2/20\n"
-                                           "torch.OutOfMemoryError: CUDA out of memory.\n\n")
-
-
-def test_stage_lines_passed_failed_and_never_started(tmp_path):
-    check_run(tmp_path)
-    assert node_check.stage_lines(str(tmp_path)) == [
-        ("passed", "round_0/train", 35.2, None), ("passed", "round_0/eval", 4.0, None),
-        ("-", "round_0/alpaca_eval", None, None), ("-", "round_0/judge_rm", None, None),
-        ("passed", "round_1/generate", 26.5, None), ("passed", "round_1/score", 12.0, None),
-        ("-", "round_1/score_offline", None, None), ("passed", "round_1/pairs", 0.8, None),
-        ("failed", "round_1/train", None, "round_1/logs/train.log: torch.OutOfMemoryError: CUDA out of memory."),
-        ("-", "round_1/eval", None, None), ("-", "round_1/alpaca_eval", None, None),
-        ("-", "round_1/judge_rm", None, None)]
-    assert node_check.last_line(str(tmp_path / "round_1" / "logs" / "train.log")) == \
-        "torch.OutOfMemoryError: CUDA out of memory."
-    (tmp_path / "round_1" / "logs" / "train.log").write_text("x\n 5%|#   | 1/20\r 10%|##  | 2/20\n")
-    assert node_check.last_line(str(tmp_path / "round_1" / "logs" / "train.log")) == "10%|##  | 2/20"
-
-
-def test_measured_throughputs_and_the_forecast_by_hand(tmp_path):
-    check_run(tmp_path)
-    r1 = tmp_path / "round_1"  # make round 1's training finish: 600 tokens at step 2 of 4 in 2 s = 600 tokens/s
-    write_jsonl(str(r1 / "model" / "metrics.jsonl"), [{"loss": 0.7, "num_tokens": 300.0, "step": 1},
-                                                      {"loss": 0.6, "num_tokens": 600.0, "step": 2}], done=False)
-    finish(str(r1 / "model"), seconds=9.0, global_step=4, train_runtime=2.0,
-           reference_logps={"train": {"computed": 1, "supplied": 3}})  # 3 + 1/4 passes
-    rates = node_check.measured(str(tmp_path))
-    # generation: shards add up; scoring: 02 on responses only; training: mean 400, passes (600*3.25 + 200*4) / 800
-    assert rates == {"generate": 250.0, "score": 400.0, "train": 400.0, "train_passes": 3.4375}
-    seconds = node_check.forecast({"generate": 1000.0, "score": 2000.0, "train": 500.0, "train_passes": 3.0},
-                                  1e8, 8e9)
-    # 160,000 x 450 / (1000 / 80); 160,000 x 600 / (2000 / 80); 300 x 32 x 1,200 x 4 / (500 x 3 / 80)
-    assert seconds == pytest.approx({"generate": 5_760_000, "score": 3_840_000, "train": 2_457_600})
-    assert node_check.forecast({"score": 2000.0}, 1e8, 8e9) == pytest.approx({"score": 3_840_000})
-
-    proc = run_script(["python", "tools/node_check.py", "--out", tmp_path, "--paper", "zephyr-7b"])
-    lines = proc.stdout.splitlines()
-    assert lines[4] == "passed  round_1/generate       26.5 s"
-    assert lines[8] == "passed  round_1/train          9.0 s"
-    assert lines[12] == "rough forecast of one zephyr-7b round on this node (ROUGH: see the assumptions below)"
-    # 72 M new tokens at 250 x 100 / 7.24e9 tokens/s
-    assert lines[13].endswith(f"check 250 tokens/s -> {250 * 100 / 7.24e9:.3g} tokens/s at 7.24 B -> "
-                              f"{72e6 / (250 * 100 / 7.24e9) / 86400:,.0f} days")
-    assert "check model 100 parameters (safetensors of " in proc.stdout and "3.44 per token" in proc.stdout
-
-
-def test_node_check_exits_1_naming_the_failed_stage(tmp_path):
-    check_run(tmp_path)
-    proc = run_script(["python", "tools/node_check.py", "--out", tmp_path], check=False)
-    assert proc.returncode == 1
-    assert "failed  round_1/train  (see round_1/logs/train.log: torch.OutOfMemoryError: CUDA out of memory.)" \
-        in proc.stdout.splitlines()
-    assert "-       round_1/score_offline" in proc.stdout.splitlines()
-    assert "  train     11.5 M tokens (300 steps x 32 pairs x ~1,200) x 4 forward passes: check 200 tokens/s" \
-        in proc.stdout
-    assert "rough forecast of one llama3-8b round" in proc.stdout
-    missing = run_script(["python", "tools/node_check.py", "--out", tmp_path / "nope"], check=False)
-    assert missing.returncode == 2 and "no round_N folders" in missing.stderr

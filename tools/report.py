@@ -14,7 +14,9 @@ The judge-free figures of round t (round 0 = the DPO model trained from the SFT 
   - evaluation (OUT/round_t/eval_prefs.jsonl, 02 --pairs on EVAL_PREFS): the implicit-reward accuracy of
     (pi_t, pi_{t-1}), i.e. the share of held-out pairs with beta*log(pi_t/pi_{t-1})(chosen) > (rejected).
 AlpacaEval 2 (README "Evaluation"), per round: the judge's leaderboard.csv (in alpaca_eval/ANNOTATOR/ or alpaca_eval/),
-judge_note.txt, rm_scores.jsonl (tools/judge_rm.py). Only outputs whose done marker matches them are read.
+judge_note.txt, rm_scores.jsonl (tools/judge_rm.py); with the judge, the installed alpaca_eval version. The hub models
+and datasets the stages loaded, with the commit each resolved to (their done markers' inputs.NAME.revision). Only
+outputs whose done marker matches them are read.
 """
 import glob
 import json
@@ -29,6 +31,8 @@ import judge_rm  # noqa: E402
 from dice import DiceError, cli, data, protocol, report_text, trackers  # noqa: E402
 from dice.plots import report_figures  # noqa: E402
 from dice.report_text import PAPER_ANNOTATOR, judge_command  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The output of each stage in OUT/round_t (its done marker is OUTPUT.done.json beside it).
 OUTPUTS = {"generate": "responses.jsonl", "score": "scores.jsonl", "score_offline": "offline_scored.jsonl",
@@ -112,6 +116,12 @@ def alpaca_eval_stats(round_dir, annotator):
             notes += [line.strip() for line in f if line.strip()][:1]
     if finished(os.path.join(folder, "model_outputs.json")):
         row["ae_generator"] = judge_rm.read_outputs(os.path.join(folder, "model_outputs.json"))[0]["generator"]
+        # the instructions answered, the judge's reference as run_rounds.sh defaults it (the AE2 baseline file holds
+        # both); 01 was given the path relative to the repository
+        given = (protocol.read_marker(os.path.join(folder, "model_outputs.json")).get("inputs", {}).get("prompts")
+                 or {}).get("path")
+        if given:
+            row["ae_reference"] = os.path.join(ROOT, given) if os.path.exists(os.path.join(ROOT, given)) else given
         # alpaca_eval writes OUTPUT_PATH/ANNOTATOR/leaderboard.csv for a named annotator, OUTPUT_PATH/ for a path
         boards = [os.path.join(folder, annotator, "leaderboard.csv")] if "/" not in annotator else []
         boards = [b for b in boards + [os.path.join(folder, "leaderboard.csv")] if os.path.isfile(b)]
@@ -152,6 +162,14 @@ STATS = [("generate", "responses.jsonl", generation_stats), ("score", "scores.js
          ("train", os.path.join("model", "metrics.jsonl"), train_stats), ("eval", "eval_prefs.jsonl", eval_stats)]
 
 
+def hub_inputs(markers):
+    """[(hub id as given, commit, stage, input name)] of the done markers {stage: marker}: the hub models and datasets
+    the stages loaded, each at the commit its revision resolved to (dice/protocol.py)."""
+    return [(entry.get("path"), entry["revision"], stage, name) for stage, marker in markers.items()
+            for name, entry in (marker.get("inputs") or {}).items()
+            if isinstance(entry, dict) and entry.get("revision")]
+
+
 def collect(out, annotator=PAPER_ANNOTATOR):
     """One dict per round directory OUT/round_N, from the files of the stages that finished."""
     rounds = sorted((int(d.rsplit("_", 1)[1]), d) for d in glob.glob(os.path.join(out, "round_*"))
@@ -159,11 +177,13 @@ def collect(out, annotator=PAPER_ANNOTATOR):
     rows = []
     for t, d in rounds:
         row = dict(round=t)
-        done = [stage for stage, name in OUTPUTS.items() if finished(os.path.join(d, name))]
+        markers = {stage: protocol.finished_marker(os.path.join(d, name)) for stage, name in OUTPUTS.items()}
+        done = [stage for stage, marker in markers.items() if marker is not None]
         for stage, name, stats in STATS:
             if stage in done and os.path.isfile(os.path.join(d, name)):
                 row.update(stats(os.path.join(d, name)))
-        row.update(alpaca_eval_stats(d, annotator), stages_done=done)
+        row.update(alpaca_eval_stats(d, annotator), stages_done=done,
+                   hub_inputs=hub_inputs({stage: markers[stage] for stage in done}))
         rows.append(row)
     rm_win_rates(rows)
     return rows
@@ -192,8 +212,9 @@ def main(out: str, plots: bool = True, paper: Literal["llama3-8b", "zephyr-7b"] 
     with protocol.atomic_open(os.path.join(args.out, "report.md")) as f:
         f.write(report_text.render(args.out, rows, written, args.paper, args.annotator, args.sft))
     print(report_text.short_table(rows))
-    for t in report_text.not_judged(rows):
-        print(f"round {t} not judged yet: {judge_command(args.out, t, args.annotator)}")
+    for r in (r for r in rows if r["round"] in report_text.not_judged(rows)):
+        print(f"round {r['round']} not judged yet: "
+              f"{judge_command(args.out, r['round'], args.annotator, r.get('ae_reference'))}")
     run_name = args.run_name or os.path.basename(os.path.abspath(args.out)) + "-report"
     steps = trackers.tracked_figures(rows)
     for line in trackers.report_to_trackers(trackers.tracker_names(args.report_to), args.out, run_name, steps):
