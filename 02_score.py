@@ -9,7 +9,8 @@ policy_logps - reference_logps. Only a valid response may be ranked (03), the pa
 not "length" and --min_chars < len(response) < --max_chars (3 and 6700). --pairs scores preference pairs instead (03's
 offline pairs; held-out pairs: the implicit-reward accuracy, the share of pairs with chosen_reward > rejected_reward).
 Exactness: every log-prob is the one TRL 1.16's DPOTrainer computes for the conversational row (prompt, response)
-(dice/scoring.py), so stage 4 reuses them; N processes (accelerate launch / torchrun) write one process's output.
+(dice/scoring.py), so stage 4 reuses them; N processes (accelerate launch / torchrun) write one process's output,
+also with models too large for one GPU, sharded over them (configs/accelerate/zero3_scoring.yaml: DeepSpeed ZeRO-3).
 
 Smoke run (tiny offline models, seconds):
     for seed in 1 2; do python tools/tiny_model.py --out /tmp/tiny_$seed --seed $seed; done
@@ -87,6 +88,7 @@ def main(
     min_chars: int = 3,
     max_chars: int = 6700,
     dtype: Literal["float32", "bfloat16"] = "float32",
+    attn_implementation: str | None = None,
     batch_tokens: int | None = None,
     chunk_rows: int = 256,
     overwrite: bool = False,
@@ -107,6 +109,7 @@ def main(
         min_chars: a response with <= min_chars characters is invalid (paper code: 3) (>= 0)
         max_chars: a response with >= max_chars characters is invalid (paper code: 6700) (>= 1)
         dtype: float32 (exact, for checks) or bfloat16 (bf16 weights and autocast: fast).
+        attn_implementation: both models' attention: eager, sdpa, flash_attention_2... (default: transformers')
         batch_tokens: padded tokens per forward (batch x longest); default 16384 on GPUs, 1 on CPUs; lower on OOM (>= 1)
         chunk_rows: rows tokenized, sorted, scored and written together (memory stays flat) (>= 1)
         overwrite: redo an output made with other arguments or inputs.
@@ -123,7 +126,7 @@ def main(
     args.split = data.split_of(source, args.split)  # None for a file
     if args.max_chars <= args.min_chars:
         raise DiceError(f"--max_chars must be > --min_chars ({args.min_chars}), got {args.max_chars}")
-    state = scoring.start_processes()  # one process, or one of N: only the main process locks and writes
+    state = scoring.start_processes(args.dtype)  # one process, or one of N: only the main process locks and writes
     if args.batch_tokens is None:  # on CPUs one sequence per forward is fastest (measured): no padding
         args.batch_tokens = 16384 if state.device.type == "cuda" else 1
     args.mode, args.num_processes = "pairs" if args.pairs is not None else "responses", state.num_processes
@@ -138,8 +141,9 @@ def main(
         tokenizer, ref_tokenizer = (models.load_tokenizer(path, args.trust_remote_code, args.chat_template)
                                     for path in (args.policy, args.reference))
         scoring.check_same_tokenizer(tokenizer, ref_tokenizer, args.policy, args.reference)
-        scorers = [trl_internals.load_scorer(path, args.dtype, state.device, args.trust_remote_code)
-                   for path in (args.policy, args.reference)]
+        scorers = scoring.shard([trl_internals.load_scorer(path, args.dtype, state.device, args.trust_remote_code,
+                                                          args.attn_implementation)
+                                 for path in (args.policy, args.reference)], state)  # ZeRO-3 config: sharded
         state.print(f"scoring {num_rows} rows ({num_seqs} sequences) of {source} with {state.num_processes} "
                     f"process(es) on {state.device}", flush=True)
 
@@ -157,6 +161,7 @@ def main(
         if args.mode == "pairs":  # the implicit-reward accuracy
             st.record["accuracy"] = counts["correct"] / counts["scored_pairs"] if counts["scored_pairs"] else None
     scoring.print_report(state, args, counts, st.record)
+    scoring.finish(state)
 
 
 if __name__ == "__main__":

@@ -101,7 +101,8 @@ def main(model: str, pairs: str, out: str, split: str = "train", chat_template: 
          beta: float = 0.1, learning_rate: float = 5e-7, lr_scheduler_type: str = "constant", warmup_steps: int = 0,
          max_steps: int = 300, per_device_train_batch_size: int = 1, gradient_accumulation_steps: int = 4,
          max_length: int = 4096, eval_size: int = 576, eval_steps: int = 20, logging_steps: int = 20,
-         save_steps: int = 100, save_total_limit: int = 1, bf16: bool | Literal["auto"] = "auto", seed: int = 42,
+         save_steps: int = 100, save_total_limit: int = 1, bf16: bool | Literal["auto"] = "auto",
+         attn_implementation: str | None = None, seed: int = 42,
          reuse_ref_logps: bool = True, overwrite: bool = False, keep_checkpoints: bool = False,
          trust_remote_code: bool = False, push_to_hub: bool = False, hub_model_id: str = None,
          hub_private_repo: bool = False, **options):
@@ -127,7 +128,9 @@ def main(model: str, pairs: str, out: str, split: str = "train", chat_template: 
         logging_steps: log metrics every N steps (paper 20; the first step is always logged) (>= 1)
         save_steps: checkpoint into OUT.work/ every N steps (paper 100); a rerun resumes from the last one (>= 1)
         save_total_limit: checkpoints kept in OUT.work/ (paper 1) (>= 1)
-        bf16: auto = bf16 on a CUDA device that supports it, fp32 elsewhere; or true/false.
+        bf16: auto = the launcher's mixed_precision under DeepSpeed, else bf16 on a CUDA GPU that supports it,
+            fp32 elsewhere; or true/false.
+        attn_implementation: the model's attention: eager, sdpa, flash_attention_2... (default: transformers')
         seed: seed of the eval split, data order and trainer.
         reuse_ref_logps: use the rows' ref_chosen_logps/ref_rejected_logps (no reference model).
         overwrite: redo an output made with other arguments or inputs (and discard their unfinished checkpoints).
@@ -177,9 +180,10 @@ def main(model: str, pairs: str, out: str, split: str = "train", chat_template: 
         if not tokenizer.chat_template:
             raise DiceError(f"{args.model}: the tokenizer has no chat template (pairs are trained as chat turns, as "
                             "TRL does); pass --chat_template FILE")
-        policy = models.load_model(args.model, trust_remote_code=args.trust_remote_code)
+        load = dict(trust_remote_code=args.trust_remote_code, attn_implementation=args.attn_implementation)
+        policy = models.load_model(args.model, **load)
         reference = None if config.precompute_ref_log_probs else models.load_model(  # TRL's per-step reference
-            args.model, trust_remote_code=args.trust_remote_code)
+            args.model, **load)
 
         #### trainer: the loss above on TRL's DPOTrainer, fed the reference log-probs the pairs carry
         example = random.Random(args.seed).choice(train_rows)

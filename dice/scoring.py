@@ -12,6 +12,9 @@ Speed: sequences sorted by length, batched by --batch_tokens padded tokens, --ch
 flat). N processes (accelerate launch / torchrun) split each chunk's batches, which never depend on N; the main process
 writes ONE output. N CPU processes (gloo): `CUDA_VISIBLE_DEVICES= accelerate launch --multi_gpu --num_processes N
 02_score.py ...` (accelerate 1.15's `launch --cpu --num_processes N` starts ONE process unless mpirun is set up).
+Models that do not fit one GPU: `accelerate launch --config_file configs/accelerate/zero3_scoring.yaml` shards them with
+DeepSpeed ZeRO-3 as TRL's DPOTrainer shards its policy and reference (`shard`); every forward gathers each layer's
+weights from all processes, so they step in lockstep, a process whose share is done running dummy forwards.
 """
 import math
 import os
@@ -94,35 +97,84 @@ def assign_batches(batches, lengths, num_processes):
     return owner
 
 
-def start_processes():
+def start_processes(dtype="float32"):
     """This run's accelerate PartialState: one process, or one of N (accelerate launch / torchrun) joined by gloo on
-    CPUs and NCCL on GPUs. A process started as one of N that joined no group is refused (each would write OUT)."""
+    CPUs and NCCL on GPUs; under an accelerate DeepSpeed ZeRO-3 config an Accelerator, whose plugin makes
+    from_pretrained load each model sharded (zero.Init), in `dtype` (the DeepSpeed config's bf16 follows --dtype, not
+    the launcher). A process started as one of N that joined no group is refused (each would write OUT)."""
     import torch
-    from accelerate import PartialState
+    from accelerate import Accelerator, PartialState
 
-    cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
-    state = PartialState(cpu=cpu)
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":  # accelerate launch with a DeepSpeed config
+        PartialState(cpu=False, backend=None if torch.cuda.is_available() else "gloo")  # CPUs: else N counted as 1
+        state = Accelerator(mixed_precision="bf16" if dtype == "bfloat16" else "no")
+        if state.state.deepspeed_plugin.zero_stage != 3:
+            raise DiceError(f"the accelerate config uses DeepSpeed ZeRO stage {state.state.deepspeed_plugin.zero_stage}"
+                            "; scoring shards models with ZeRO-3 only (configs/accelerate/zero3_scoring.yaml; "
+                            "configs/accelerate/multi_gpu.yaml for one full copy per GPU)")
+    else:
+        cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
+        state = PartialState(cpu=cpu)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and state.num_processes == 1:
         raise DiceError(f"started as one of {os.environ['WORLD_SIZE']} processes that did not form a group; refusing "
                         "to let each write the output (launch with accelerate launch --num_processes N or torchrun)")
     return state
 
 
+def zero3(state):
+    """True when the models are sharded with DeepSpeed ZeRO-3 (start_processes under a DeepSpeed config)."""
+    return state.distributed_type == "DEEPSPEED"
+
+
+def shard(models, state):
+    """The models as DeepSpeed ZeRO-3 inference engines (no optimizer) under a DeepSpeed config, as TRL 1.16's
+    DPOTrainer makes its policy and reference: the first through accelerator.prepare (accelerate's ZeRO inference; it
+    fills the config's "auto" entries), the others through trl.models.prepare_deepspeed. Else the models as they are."""
+    if not zero3(state):
+        return models
+    from trl.models import prepare_deepspeed
+
+    state.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = 1  # unused (no dataloader)
+    models = [state.prepare(models[0])] + [prepare_deepspeed(m, state) for m in models[1:]]
+    models[0].eval()  # as prepare_deepspeed leaves the others (a DeepSpeed engine's eval() returns None)
+    params = [p for m in models for p in m.parameters()]
+    held, total = sum(p.ds_tensor.numel() for p in params), sum(p.ds_numel for p in params)
+    state.print(f"DeepSpeed ZeRO-3 over {state.num_processes} processes: the main process holds {held} of the {total} "
+                "weights", flush=True)
+    return models
+
+
+def finish(state):
+    """The end of a run of N processes: a barrier, then the process group destroyed (as accelerate's end_training).
+    Without the barrier a process exiting right after the last gather could abort (SIGABRT after the output is written,
+    1 run in ~8 of 2 CPU processes measured): a gloo thread still freeing that gather's tensors needs the GIL while
+    Python finalizes (pytorch issue 190489; the core dump's thread: ~AsyncAllgatherWork -> decref_pyobject)."""
+    import torch
+
+    if state.num_processes > 1:
+        state.wait_for_everyone()
+        torch.distributed.destroy_process_group()
+
+
 def score_sequences(seqs, scorers, pad_id, state, batch_tokens, dtype, counts):
     """(policy, reference) log-probs of every sequence [(ids, completion_start)], in order: each process scores its
-    share of the batches and all of them get every result."""
+    share of the batches and all of them get every result. Under ZeRO-3 every forward gathers the weights from all
+    processes, so each runs as many forwards as the busiest one (dummy ones once its share is done)."""
     import torch
     from accelerate.utils import gather_object
 
     lengths = [len(ids) for ids, _ in seqs]
     batches = make_batches(lengths, batch_tokens)
     autocast = torch.bfloat16 if dtype == "bfloat16" else None
+    owner = assign_batches(batches, lengths, state.num_processes)
+    share = [batch for batch, rank in zip(batches, owner) if rank == state.process_index]
+    steps = max(map(owner.count, range(state.num_processes))) if zero3(state) else len(share)
     mine = []
-    for batch, rank in zip(batches, assign_batches(batches, lengths, state.num_processes)):
-        if rank == state.process_index:
-            group = [seqs[i] for i in batch]
-            mine.extend(zip(batch, *(trl_internals.batch_logps(m, group, pad_id, state.device, autocast)
-                                     for m in scorers)))
+    for step in range(steps):
+        batch = share[step] if step < len(share) else []
+        group = [seqs[i] for i in batch] or [([pad_id] * 2, 1)]  # the dummy: a 2-token sequence, result dropped
+        mine.extend(zip(batch, *(trl_internals.batch_logps(m, group, pad_id, state.device, autocast)
+                                 for m in scorers)))
     results = {i: (p, q) for i, p, q in gather_object(mine)}  # one process: gather_object returns `mine`
     counts["forward_tokens"] += sum(lengths)
     counts["padded_tokens"] += sum(len(b) * lengths[b[0]] for b in batches)

@@ -61,13 +61,14 @@ def batch_logps(model, seqs, pad_id, device, autocast_dtype=None):
         return per_token.sum(dim=1).float().cpu().tolist()
 
 
-def load_scorer(path, dtype, device, trust_remote_code):
+def load_scorer(path, dtype, device, trust_remote_code, attn_implementation=None):
     """A model ready for batch_logps: safe loading (models.load_model) plus TRL's fused LM head."""
     from trl.trainer.utils import add_fused_lm_head  # TRL 1.16.0 internal (not exported by `trl`)
 
     from dice import models
 
-    model = models.load_model(path, dtype=dtype, trust_remote_code=trust_remote_code, device=device)
+    model = models.load_model(path, dtype=dtype, trust_remote_code=trust_remote_code, device=device,
+                              attn_implementation=attn_implementation)
     add_fused_lm_head(model)
     return model
 
@@ -122,15 +123,18 @@ def dpo_options(options):
 
 
 def dpo_config(extra, **fields):
-    """DPOConfig(**fields) with the extra options (dpo_options) over them; a bad value is one line. bf16 "auto" = bf16
-    on a CUDA device that supports it, fp32 elsewhere (never with fp16). Processes without a GPU (torchrun,
-    accelerate launch) form one DDP run (gloo) only with use_cpu, else each would train alone on all the data."""
+    """DPOConfig(**fields) with the extra options (dpo_options) over them; a bad value is one line. bf16 "auto" = under
+    DeepSpeed the launcher's mixed precision (transformers stops at train() when they differ), else bf16 on a CUDA
+    device that supports it, fp32 elsewhere (never with fp16). Processes without a GPU (torchrun, accelerate launch)
+    form one DDP or DeepSpeed run (gloo) only with use_cpu, else each would train alone on all the data."""
     import torch
     from trl import DPOConfig
 
     fields = {**fields, **extra}
     if fields.get("fp16"):
         fields["bf16"] = False
+    elif fields["bf16"] == "auto" and os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true":  # accelerate launch
+        fields["bf16"] = os.environ.get("ACCELERATE_MIXED_PRECISION") == "bf16"  # e.g. the paper's config on CPUs
     elif fields["bf16"] == "auto":
         fields["bf16"] = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
     if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:

@@ -14,7 +14,8 @@ Input: an alpaca_eval model_outputs.json (01_generate.py --format alpaca_eval): 
 "generator"}, ...]. The text scored is the reward model's own chat template over [user: instruction, assistant:
 output]. Output (JSONL, same order): {"instruction", "output", "generator", "reward", "chars"}, plus OUT.done.json
 (protocol.stage: a rerun with the same model and outputs is done already). Several processes split the rows and the main
-process writes one file.
+process writes one file; under configs/accelerate/zero3_scoring.yaml the reward model is sharded with DeepSpeed ZeRO-3
+(as 02_score.py shards its models, dice/scoring.py), for reward models that do not fit one GPU.
 """
 import json
 import os
@@ -22,7 +23,7 @@ import sys
 from typing import Literal
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from dice import DiceError, cli, data, models, protocol  # noqa: E402
+from dice import DiceError, cli, data, models, protocol, scoring  # noqa: E402
 
 
 def read_outputs(path):
@@ -68,8 +69,9 @@ def read_leaderboard(path, name):
     return None
 
 
-def score(model, tokenizer, rows, device, batch_size):
-    """Reward of each row, in row order: the reward model's first logit after its chat template, batched by length."""
+def score(model, tokenizer, rows, device, batch_size, forwards=0):
+    """Reward of each row, in row order: the reward model's first logit after its chat template, batched by length;
+    at least `forwards` forwards (ZeRO-3 lockstep: once the rows are done, dummy ones of one pad token)."""
     import torch
 
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": r["instruction"]},
@@ -77,13 +79,14 @@ def score(model, tokenizer, rows, device, batch_size):
              for r in rows]
     texts = [list(t["input_ids"] if hasattr(t, "keys") else t) for t in texts]
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
-    pad = model.config.pad_token_id
+    pad = getattr(model, "module", model).config.pad_token_id  # a DeepSpeed engine's own .config is its config
     rewards = [None] * len(texts)
-    for start in range(0, len(order), batch_size):
+    for start in range(0, max(len(order), forwards * batch_size), batch_size):
         batch = order[start:start + batch_size]
-        width = max(len(texts[i]) for i in batch)
-        ids = torch.tensor([texts[i] + [pad] * (width - len(texts[i])) for i in batch], device=device)
-        mask = torch.tensor([[1] * len(texts[i]) + [0] * (width - len(texts[i])) for i in batch], device=device)
+        seqs = [texts[i] for i in batch] or [[pad]]
+        width = max(len(s) for s in seqs)
+        ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=device)
+        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
         with torch.inference_mode():
             logits = model(input_ids=ids, attention_mask=mask).logits[:, 0].float().cpu().tolist()
         for i, value in zip(batch, logits):
@@ -97,7 +100,7 @@ def main(model: str, outputs: str, out: str, batch_size: int = None,
     """Score AlpacaEval outputs with a local reward model (sequence classification, first logit = reward).
 
     Args:
-        model: the reward model, a local folder or a hub id (safetensors only).
+        model: the reward model, a local folder or a hub id, NAME@REVISION pins a revision (safetensors only).
         outputs: an alpaca_eval model_outputs.json (01_generate.py --format alpaca_eval).
         out: output JSONL: instruction, output, generator, reward, chars per row.
         batch_size: rows per forward (default 8 on GPUs, 1 on CPUs) (>= 1)
@@ -108,29 +111,33 @@ def main(model: str, outputs: str, out: str, batch_size: int = None,
     args = vars(cli.flags(main, locals()))
     models.check_model_path(args["model"])  # a missing model is named before the outputs are read
     import torch
-    from accelerate import PartialState
     from accelerate.utils import gather_object
     from transformers import AutoModelForSequenceClassification
 
-    state = PartialState()
+    cuda = torch.cuda.is_available()
+    dtype = args["dtype"] if args["dtype"] != "auto" else ("bfloat16" if cuda else "float32")
+    state = scoring.start_processes(dtype)  # one process, N (one writes), or N sharing a ZeRO-3 sharded model
     state.print("judge_rm " + json.dumps(args))
     with protocol.stage("judge_rm", args["out"], args, inputs={"model": args["model"], "outputs": args["outputs"]},
                       overwrite=args["overwrite"], ignore=("batch_size",), main_process=state.is_main_process) as st:
         rows = read_outputs(args["outputs"])
-        cuda = state.device.type == "cuda"
-        dtype = args["dtype"] if args["dtype"] != "auto" else ("bfloat16" if cuda else "float32")
         tokenizer = models.load_tokenizer(args["model"], args["trust_remote_code"])
+        name, revision = models.split_revision(args["model"])  # NAME@REVISION pins a hub revision
         try:
             rm = AutoModelForSequenceClassification.from_pretrained(
-                models.check_model_path(args["model"]), dtype=getattr(torch, dtype), use_safetensors=True,
+                name, revision=revision, dtype=getattr(torch, dtype), use_safetensors=True,
                 trust_remote_code=args["trust_remote_code"]).to(state.device).eval()
         except OSError as e:
             raise DiceError(f"cannot load reward model from {args['model']}: {str(e).splitlines()[0]}") from None
         if rm.config.pad_token_id is None:
             rm.config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
                 else tokenizer.eos_token_id
+        rm, = scoring.shard([rm], state)
+        batch_size = args["batch_size"] or (8 if state.device.type == "cuda" else 1)
         mine = list(range(state.process_index, len(rows), state.num_processes))
-        rewards = score(rm, tokenizer, [rows[i] for i in mine], state.device, args["batch_size"] or (8 if cuda else 1))
+        busiest = -(-len(rows) // state.num_processes)  # process 0's rows, the most: ceil(rows / N)
+        forwards = -(-busiest // batch_size) if scoring.zero3(state) else 0  # ZeRO-3: all run as many as process 0
+        rewards = score(rm, tokenizer, [rows[i] for i in mine], state.device, batch_size, forwards)
         results = dict(gather_object(list(zip(mine, rewards))) if state.num_processes > 1 else zip(mine, rewards))
         scored = [{**r, "reward": results[i], "chars": len(r["output"])} for i, r in enumerate(rows)]
         if state.is_main_process:
@@ -138,6 +145,7 @@ def main(model: str, outputs: str, out: str, batch_size: int = None,
         st.record["counts"] = {"rows": len(scored)}
         st.record["mean_reward"] = sum(r["reward"] for r in scored) / len(scored)
     state.print(f"wrote {args['out']}: {len(scored)} outputs scored, mean reward {st.record['mean_reward']:.4f}")
+    scoring.finish(state)
 
 
 if __name__ == "__main__":
