@@ -77,7 +77,7 @@ def test_tulu_70b_preset_fits_its_hardware():
     assert 16 * params / (nodes * gpus_per_node) / gb == pytest.approx(35.3, abs=0.1)  # ZeRO-3 AdamW states per GPU
     assert int(p["GLOBAL_BATCH"]) % (int(p["BATCH_SIZE"]) * nodes * gpus_per_node) == 0 and gpus_per_node % tp == 0
     assert (p["REQUIRE_GPU"], p["SCORE_ACCELERATE_CONFIG"], p["ACCELERATE_CONFIG"]) == (
-        "1", "configs/accelerate/zero3_scoring.yaml", "configs/accelerate/deepspeed_zero3_multinode.yaml")
+        "1", "configs/accelerate/zero3_scoring.yaml", "configs/accelerate/deepspeed_zero3.yaml")
     assert os.path.isfile(os.path.join(ROOT, p["ACCELERATE_CONFIG"]))
     # TRAIN_ARGS turns on gradient checkpointing, a DPOConfig field 04_train_dpo.py passes through
     from dice import trl_internals
@@ -98,7 +98,7 @@ def test_run_rounds_sources_the_tulu_presets(tmp_path, name, env, error):
     (data / "preference.json").write_text("")
     out = tmp_path / "out"
     env = {"PATH": os.environ["PATH"], "OUT": str(out), "DICE_REPO": str(tmp_path / "dice"), "EVAL_PREFS": "none",
-           "MIN_NODES": "1", **env}
+           "ALPACA_EVAL": "none", "MIN_NODES": "1", **env}
     got = subprocess.run(["bash", SCRIPT, f"configs/{name}.env"], cwd=ROOT, capture_output=True, text=True,
                          timeout=60, env=env)
     assert got.returncode != 0 and error in got.stderr, got.stderr

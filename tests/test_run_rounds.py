@@ -24,7 +24,8 @@ from conftest import ROOT, run_script
 from dice import data, protocol
 
 SCRIPT = os.path.join(ROOT, "run_rounds.sh")
-PRESETS = ["demo", "tiny", "llama3-8b", "zephyr-7b", "node-check"]
+# Flat KEY="${KEY:-value}" files (configs/node-check.env sources a paper preset: tests/test_node_check.py).
+PRESETS = ["demo", "tiny", "llama3-8b", "zephyr-7b"]
 # The settings every tiny run of these tests shares (the uninterrupted and the killed runs must be comparable).
 # --batch_size 1: one generation batch per prompt, so a kill can land between two appended rows.
 TINY = {"GEN_ARGS": "--batch_size 1", "ROUNDS": "2"}
@@ -151,9 +152,10 @@ def test_paper_presets_hold_the_paper_settings():
         assert (p["NUM_SAMPLES"], p["MIN_VALID"], p["GAMMA"], p["BETA"], p["LEARNING_RATE"], p["MAX_STEPS"],
                 p["WARMUP_STEPS"], p["GLOBAL_BATCH"], p["EVAL_SIZE"]) == ("16", "8", "0.5", "0.1", "5e-7", "300",
                                                                           "0", "32", "576")
-        # the authors' data from a clone of sail-sg/dice, not set by the preset itself; held-out pairs from UF's test
-        assert (p["DICE_REPO"], p["PROMPT_FIELD"]) == ("official-dice", "instruction")
-        assert "PROMPTS" not in p and "OFFLINE_PREFS" not in p
+        # the authors' data from a clone of sail-sg/dice, not set by the preset itself; held-out pairs from UF's test.
+        # No PROMPT_FIELD: run_rounds.sh reads DICE_REPO's prompt.json with `instruction`, 01 finds the field of others
+        assert p["DICE_REPO"] == "official-dice" and p["ATTN_IMPLEMENTATION"] == ""
+        assert "PROMPTS" not in p and "OFFLINE_PREFS" not in p and "PROMPT_FIELD" not in p
         assert p["EVAL_PREFS"] == "data/ultrafeedback/eval_preferences.jsonl"
     assert (llama["CHAT_TEMPLATE"], llama["PAPER"]) == ("configs/templates/llama3-dice.jinja", "llama3-8b")
     assert (zephyr["CHAT_TEMPLATE"], zephyr["PAPER"]) == ("configs/templates/zephyr-dice.jinja", "zephyr-7b")
@@ -173,6 +175,14 @@ def test_paper_presets_hold_the_paper_settings():
     ({"CHAT_TEMPLATE": "configs/templates/nope.jinja"}, "input file configs/templates/nope.jinja not found"),
     ({"PROMPTS": "data/demo/nope.jsonl"}, "input file data/demo/nope.jsonl not found"),
     ({"SFT_MODEL": "tiny:x"}, "expected tiny:SEED"),
+    ({"EVAL_PREFS": "data/demo/nope.jsonl"},
+     "input file data/demo/nope.jsonl not found (EVAL_PREFS; EVAL_PREFS=none to go without)"),
+    ({"NODE_CHECK_PRESET": "llama3"}, "NODE_CHECK_PRESET must be llama3-8b or zephyr-7b, got 'llama3'"),
+    ({"STOP_AFTER": "round_1/pair"}, "STOP_AFTER=round_1/pair names no stage of this run"),
+    ({"STOP_AFTER": "round_0/generate"}, "round_0/STAGE with STAGE one of train, eval, alpaca_eval, "),
+    ({"STOP_AFTER": "round_3/train"}, "round_T/STAGE with T in 1..2 (ROUNDS) and STAGE one of generate, score, "),
+    ({"STOP_AFTER": "round_01/train"}, "STOP_AFTER=round_01/train names no stage"),
+    ({"STOP_AFTER": "train"}, "STOP_AFTER=train names no stage"),
 ])
 def test_bad_settings_fail_early_with_one_line(tmp_path, env, message):
     proc = run_loop(tmp_path / "out", check=False, **env)
@@ -198,16 +208,9 @@ def test_a_missing_dice_repo_is_one_line_naming_the_files_and_the_clone(tmp_path
     assert not out.exists()
     proc = run_loop(out, preset="configs/zephyr-7b.env", check=False, DICE_REPO=str(repo),
                     EVAL_PREFS="data/demo/eval_preferences.jsonl", PROMPTS="data/demo/prompts.jsonl",
-                    OFFLINE_PREFS="data/demo/preferences.jsonl", BATCH_SIZE="2", GLOBAL_BATCH="3")
+                    OFFLINE_PREFS="data/demo/preferences.jsonl", ALPACA_EVAL="none", BATCH_SIZE="2", GLOBAL_BATCH="3")
     # past the data check, stopped by the next one
     assert "GLOBAL_BATCH=3 is not a multiple" in proc.stderr and "UF-10k-subset" not in proc.stderr
-
-
-def test_node_check_refuses_a_machine_without_gpus_at_once(tmp_path):
-    proc = run_loop(tmp_path / "out", preset="configs/node-check.env", check=False)  # NUM_GPUS=0
-    assert proc.returncode == 1 and proc.stdout == "" and proc.stderr.count("\n") == 1, proc.stderr
-    assert "needs a GPU node (REQUIRE_GPU=1)" in proc.stderr and "configs/tiny.env is the CPU check" in proc.stderr
-    assert not (tmp_path / "out").exists()
 
 
 def _stub_tools(tmp_path):
@@ -215,7 +218,7 @@ def _stub_tools(tmp_path):
     exit 0, or 1 when the line contains $STUB_FAIL: the loop's command construction, without running any stage."""
     calls, bin_dir = tmp_path / "calls.txt", tmp_path / "bin"
     bin_dir.mkdir()
-    for name in ("python", "accelerate"):
+    for name in ("python", "accelerate", "alpaca_eval"):
         (bin_dir / name).write_text(
             "#!/usr/bin/env bash\n"
             f'line="CUDA_VISIBLE_DEVICES=${{CUDA_VISIBLE_DEVICES:-}} {name} $*"\n'
@@ -227,50 +230,205 @@ def _stub_tools(tmp_path):
     return calls, env
 
 
-def test_node_check_wiring_on_two_simulated_gpus(tmp_path):
-    """configs/node-check.env with NUM_GPUS=2 (REQUIRE_GPU=1 satisfied), every command stubbed: vLLM generation in 2
-    data-parallel shards (one GPU each) then merged; scoring under `accelerate launch` with the multi-GPU config on
-    2 processes; round 0 and round 1 trained under DeepSpeed ZeRO-3 on 2 processes with GLOBAL_BATCH=auto (2 x 2
-    pairs: no accumulation); each trained checkpoint answers the AlpacaEval instructions on one GPU; the report; and
-    tools/node_check.py last, also when a stage fails."""
+def test_node_check_ends_every_run_with_its_verdict_for_the_preset(tmp_path):
+    """NODE_CHECK=1 (set by configs/node-check.env, whose own wiring tests/test_node_check.py checks), every command
+    stubbed: tools/node_check.py runs last with --preset NODE_CHECK_PRESET (llama3-8b unless set), also after a failing
+    stage, whose one line still fails the run."""
     calls, env = _stub_tools(tmp_path)
     out = tmp_path / "out"
-    proc = run_loop(out, preset="configs/node-check.env", NUM_GPUS="2", **env)
-    lines = calls.read_text().splitlines()
-    sft, pi0, pi1 = "HuggingFaceTB/SmolLM2-135M-Instruct", out / "round_0" / "model", out / "round_1" / "model"
-
-    def find(*parts):
-        found = [line for line in lines if all(p in line for p in parts)]
-        assert found, f"no call with {parts}:\n" + "\n".join(lines)
-        return found
-
-    ds = "accelerate launch --config_file configs/accelerate/deepspeed_zero3.yaml --num_processes 2 04_train_dpo.py"
-    train0, = find(ds, f"--model {sft} ", "--round 0 ")
-    train1, = find(ds, f"--model {pi0} ", "--round 1 ")
-    for train in (train0, train1):
-        assert "--per_device_train_batch_size 2 --gradient_accumulation_steps 1 " in train
-        assert "--warmup_steps 0 " in train and "--report_to" not in train
-    multi = "accelerate launch --config_file configs/accelerate/multi_gpu.yaml --num_processes 2 02_score.py"
-    assert len(find(multi, "--dtype bfloat16")) == 4  # eval of round 0; score, score_offline, eval of round 1
-    for i in (0, 1):
-        find(f"CUDA_VISIBLE_DEVICES={i} python 01_generate.py --model {pi0} ", f"--shard {i} --num_shards 2",
-             "--engine vllm", "--max_new_tokens 256", "--num_samples 4")
-    find("python tools/merge_shards.py")
-    for t, model in ((0, pi0), (1, pi1)):
-        find(f"CUDA_VISIBLE_DEVICES=0 python 01_generate.py --model {model} --prompts data/demo/eval_preferences.jsonl",
-             f"--out {out}/round_{t}/alpaca_eval/model_outputs.json --format alpaca_eval --num_samples 1 "
-             f"--generator out-round_{t} ", "--limit 8")
-    find(f"python tools/report.py --out {out} --annotator weighted_alpaca_eval_gpt4_turbo --sft {sft} "
-         "--run_name out-report")
-    assert lines[-1] == f"CUDA_VISIBLE_DEVICES= python tools/node_check.py --out {out} --paper llama3-8b"
+    proc = run_loop(out, NODE_CHECK="1", NUM_GPUS="0", **env)
     assert proc.returncode == 0
-    # a failing stage: the run fails with its one line, and the node check still gives its verdict
+    assert calls.read_text().splitlines()[-1] == \
+        f"CUDA_VISIBLE_DEVICES= python tools/node_check.py --out {out} --preset llama3-8b"
     calls.unlink()
-    proc = run_loop(tmp_path / "out2", preset="configs/node-check.env", check=False, NUM_GPUS="2",
-                    STUB_FAIL="--round 1", **env)
+    proc = run_loop(tmp_path / "out2", check=False, NODE_CHECK="1", NUM_GPUS="0", STUB_FAIL="--round 1",
+                    NODE_CHECK_PRESET="zephyr-7b", **env)
     assert proc.returncode == 1 and "error: round_1/train failed" in proc.stderr
-    last = calls.read_text().splitlines()[-1]
-    assert last.endswith(f"tools/node_check.py --out {tmp_path / 'out2'} --paper llama3-8b")
+    assert calls.read_text().splitlines()[-1] == \
+        f"CUDA_VISIBLE_DEVICES= python tools/node_check.py --out {tmp_path / 'out2'} --preset zephyr-7b"
+
+
+def _calls_of(calls, script):
+    return [line for line in calls.read_text().splitlines() if f" {script} " in line]
+
+
+def test_without_flock_on_path_the_run_stops_at_once(tmp_path):
+    """A PATH of links to every program here but flock: exit 2 with one line naming flock and how to get it, before
+    anything is written or run. The same PATH with flock added runs to the end (every stage stubbed): flock was the
+    only thing missing."""
+    calls, env = _stub_tools(tmp_path)
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    for folder in filter(os.path.isdir, os.environ["PATH"].split(os.pathsep)):
+        for name in os.listdir(folder):
+            if name != "flock" and not os.path.lexists(tools / name):
+                (tools / name).symlink_to(os.path.join(folder, name))
+    env["PATH"] = f"{tmp_path / 'bin'}:{tools}"
+    out = tmp_path / "out"
+    proc = run_loop(out, check=False, **env)
+    assert proc.returncode == 2 and proc.stdout == "" and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("error: run_rounds.sh needs flock (util-linux) on PATH; ")
+    assert "apt-get install util-linux" in proc.stderr and "brew install util-linux" in proc.stderr
+    assert not out.exists() and not calls.exists()
+    (tools / "flock").symlink_to(shutil.which("flock"))
+    assert "] finished: final policy" in run_loop(out, **env).stdout
+
+
+def test_a_bash_older_than_5_1_is_refused_before_the_script_block():
+    """The version check runs before bash reads the `{ ... }` block, which bash parses whole before running any of it
+    (and whose `wait -n -p` needs bash 5.1). No older bash is installed here and BASH_VERSINFO is read-only, so this
+    runs the check's own lines from run_rounds.sh with BASH_VERSINFO/BASH_VERSION renamed: macOS's 3.2.57, 4.4 and 5.0
+    are refused with one line and exit 2, 5.1 and 5.2 pass."""
+    head = open(SCRIPT).read().split("\n{ # the whole script", 1)[0]
+    before, check = head.split("set -euo pipefail\n")
+    assert all(line.startswith("#") for line in before.splitlines())  # nothing but comments before the checks
+    check = check.replace("BASH_VERSINFO", "FAKE_VERSINFO").replace("$BASH_VERSION", "$FAKE_VERSION")
+    for version, refused in (("3.2.57", True), ("4.4.23", True), ("5.0.17", True), ("5.1.0", False),
+                             ("5.2.15", False)):
+        script = f"FAKE_VERSINFO=({version.replace('.', ' ')}); FAKE_VERSION={version}\n{check}\necho passed\n"
+        proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True)
+        if refused:
+            assert proc.returncode == 2 and proc.stdout == "" and proc.stderr.count("\n") == 1, proc.stderr
+            assert proc.stderr.startswith(f"error: run_rounds.sh needs bash >= 5.1 (for wait -n -p), this is bash "
+                                          f"{version}; macOS: brew install bash, then run $(brew --prefix)/bin/bash ")
+        else:
+            assert (proc.returncode, proc.stdout, proc.stderr) == (0, "passed\n", "")
+
+
+def _fake_dice_repo(tmp_path):
+    data = tmp_path / "official-dice" / "data" / "UF-10k-subset"
+    data.mkdir(parents=True)
+    (data / "prompt.json").write_text(json.dumps({"instruction": "Name a color."}) + "\n")
+    (data / "preference.json").write_text(json.dumps({"prompt": "p?", "chosen": "yes", "rejected": "no"}) + "\n")
+    return tmp_path / "official-dice", data
+
+
+def test_none_turns_optional_settings_off_and_your_own_prompts_get_no_field(tmp_path):
+    """`none` turns an optional setting off where an empty one is filled by the preset: the llama3-8b preset without
+    UltraFeedback's held-out pairs stops with one line naming EVAL_PREFS=none, and runs with it (stages stubbed).
+    PROMPT_FIELD=instruction goes with DICE_REPO's prompt.json only: your own PROMPTS get no --prompt_field (01 finds
+    prompt, instruction or messages; tests/test_generate.py), nor do DICE_REPO's with PROMPT_FIELD=none."""
+    calls, env = _stub_tools(tmp_path)
+    repo, data = _fake_dice_repo(tmp_path)
+    env.update(DICE_REPO=str(repo), NUM_GPUS="0", ALPACA_EVAL="none")
+    out, preset = tmp_path / "out", "configs/llama3-8b.env"
+    if not os.path.exists(os.path.join(ROOT, "data/ultrafeedback/eval_preferences.jsonl")):
+        for unset in ({}, {"EVAL_PREFS": ""}):  # empty = unset: the preset's file
+            proc = run_loop(out, preset=preset, check=False, **env, **unset)
+            assert proc.returncode == 1 and proc.stdout == "" and proc.stderr == (
+                "error: input file data/ultrafeedback/eval_preferences.jsonl not found (EVAL_PREFS; EVAL_PREFS=none "
+                "to go without, or get it: python tools/prepare_ultrafeedback.py --out data/ultrafeedback)\n")
+            assert not out.exists()
+    # EVAL_PREFS=none: no evaluation; DPO_MODEL=none: round 0 trains pi_0 from the SFT model on the replay pairs
+    run_loop(out, preset=preset, EVAL_PREFS="none", DPO_MODEL="none", **env)
+    assert not [line for line in calls.read_text().splitlines() if "eval_prefs.jsonl" in line]
+    train0, _ = _calls_of(calls, "04_train_dpo.py")
+    assert f"--model princeton-nlp/Llama-3-Base-8B-SFT --pairs {data}/preference.json --out " in train0
+    gen, = _calls_of(calls, "01_generate.py")
+    assert f"--model {out}/round_0/model --prompts {data}/prompt.json " in gen and "--prompt_field instruction" in gen
+    assert "--chat_template configs/templates/llama3-dice.jinja" in gen and "--stop_token_ids 128001,128009" in gen
+    # your own prompts, and every optional input off
+    calls.unlink()
+    run_loop(tmp_path / "out2", preset=preset, PROMPTS="data/demo/prompts.jsonl", OFFLINE_PREFS="none",
+             EVAL_PREFS="none", CHAT_TEMPLATE="none", STOP_TOKEN_IDS="none", PROMPT_LIMIT="none", **env)
+    gen, = _calls_of(calls, "01_generate.py")
+    assert "--model princeton-nlp/Llama-3-Base-8B-SFT-DPO --prompts data/demo/prompts.jsonl " in gen
+    for flag in ("--prompt_field", "--chat_template", "--stop_token_ids", "--limit"):
+        assert flag not in gen
+    pairs, = _calls_of(calls, "03_build_pairs.py")
+    score, = _calls_of(calls, "02_score.py")  # neither the replay buffer nor held-out pairs
+    assert "--offline" not in pairs and "--responses" in score and "--chat_template" not in score
+    train, = _calls_of(calls, "04_train_dpo.py")
+    assert "--round 1 " in train  # the preset's DPO model: no round 0
+    calls.unlink()
+    run_loop(tmp_path / "out3", preset=preset, PROMPT_FIELD="none", EVAL_PREFS="none", **env)
+    gen, = _calls_of(calls, "01_generate.py")
+    assert f"--prompts {data}/prompt.json " in gen and "--prompt_field" not in gen
+
+
+def test_splits_hub_revisions_and_attention_reach_the_stages(tmp_path):
+    """OFFLINE_PREFS and EVAL_PREFS as two splits of one hub dataset pinned at a revision (ORG/NAME@REV passes the
+    input-file check untouched): OFFLINE_PREFS_SPLIT goes with OFFLINE_PREFS to round 0's 04, to 02 scoring it and,
+    with SCORE_OFFLINE=0, to 03's --offline; EVAL_PREFS_SPLIT with EVAL_PREFS to 02's evaluations. 03 reading the
+    scored copy gets no split. ATTN_IMPLEMENTATION goes to every 02 and 04 and nowhere else."""
+    calls, env = _stub_tools(tmp_path)
+    hub = "HuggingFaceH4/ultrafeedback_binarized@v1.0"
+    settings = dict(OFFLINE_PREFS=hub, OFFLINE_PREFS_SPLIT="train_prefs", EVAL_PREFS=hub, EVAL_PREFS_SPLIT="test_prefs",
+                    ATTN_IMPLEMENTATION="sdpa", ALPACA_EVAL="data/demo/eval_preferences.jsonl", JUDGE_RM="org/rm",
+                    NUM_GPUS="0")
+    out = tmp_path / "out"
+    run_loop(out, **settings, **env)
+    train0, train1 = _calls_of(calls, "04_train_dpo.py")
+    assert f"--pairs {hub} --split train_prefs --out {out}/round_0/model " in train0
+    assert f"--pairs {out}/round_1/pairs/pairs.jsonl --out " in train1
+    scores = _calls_of(calls, "02_score.py")
+    evals = [line for line in scores if "eval_prefs.jsonl" in line]
+    assert len(scores) == 4 and len(evals) == 2  # round 0's eval; round 1's score, score_offline and eval
+    assert all(f"--pairs {hub} --split test_prefs --out " in line for line in evals)
+    offline, = [line for line in scores if "offline_scored.jsonl" in line]
+    assert f"--pairs {hub} --split train_prefs --out {out}/round_1/offline_scored.jsonl " in offline
+    pairs, = _calls_of(calls, "03_build_pairs.py")
+    assert pairs.endswith(f"--offline {out}/round_1/offline_scored.jsonl --gamma 0.5")
+    for line in scores + [train0, train1]:
+        assert f"{line} ".count(" --attn_implementation sdpa ") == 1
+    others = _calls_of(calls, "01_generate.py") + _calls_of(calls, "tools/judge_rm.py") + [pairs]
+    assert len(others) == 6 and not any("--attn_implementation" in line for line in others)
+    calls.unlink()  # without scoring the replay buffer, 03 reads it itself, with its split
+    run_loop(tmp_path / "out2", SCORE_OFFLINE="0", **settings, **env)
+    pairs, = _calls_of(calls, "03_build_pairs.py")
+    assert pairs.endswith(f"--offline {hub} --split train_prefs --gamma 0.5")
+
+
+def test_the_alpaca_eval_judge_gets_its_reference_and_a_cache_in_the_run_folder(tmp_path):
+    """alpaca_eval 0.6.6 loads its own reference outputs as a dataset script, which datasets >= 4 refuses
+    (tests/test_alpaca_eval_judge.py shows both): the judge gets ALPACA_EVAL_REFERENCE, by default ALPACA_EVAL (the AE2
+    baseline file holds instructions and reference answers), its annotation cache in the run folder and no weights
+    written into alpaca_eval's install; `none` leaves the flag out. The paper presets read the AE2 file, and without
+    it the run stops at once naming the command that gets it."""
+    calls, env = _stub_tools(tmp_path)
+    env.update(ALPACA_EVAL="data/demo/eval_preferences.jsonl", OPENAI_API_KEY="sk-test", NUM_GPUS="0")
+    out = tmp_path / "out"
+    run_loop(out, **env)
+    judges = [line for line in calls.read_text().splitlines() if " alpaca_eval --model_outputs" in line]
+    assert len(judges) == 2 and judges[1] == (
+        f"CUDA_VISIBLE_DEVICES= alpaca_eval --model_outputs {out}/round_1/alpaca_eval/model_outputs.json "
+        "--reference_outputs data/demo/eval_preferences.jsonl --annotators_config weighted_alpaca_eval_gpt4_turbo "
+        f"--output_path {out}/round_1/alpaca_eval --caching_path {out}/round_1/alpaca_eval/annotations_cache.json "
+        "--metric_kwargs {'save_weights_dir': None}")
+    calls.unlink()
+    run_loop(tmp_path / "out2", ALPACA_EVAL_REFERENCE="none", **env)
+    assert "--reference_outputs" not in calls.read_text() and " alpaca_eval --model_outputs" in calls.read_text()
+    for preset in ("llama3-8b", "zephyr-7b"):
+        proc = run_loop(tmp_path / "out3", preset=f"configs/{preset}.env", check=False, DICE_REPO="none",
+                        PROMPTS="data/demo/prompts.jsonl", OFFLINE_PREFS="data/demo/preferences.jsonl",
+                        EVAL_PREFS="none", ALPACA_EVAL="", **{k: v for k, v in env.items() if k != "ALPACA_EVAL"})
+        assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and not (tmp_path / "out3").exists()
+        assert proc.stderr == (
+            "error: input file data/alpaca_eval/alpaca_eval_gpt4_baseline.json not found (ALPACA_EVAL; ALPACA_EVAL=none"
+            " to go without, or get it: hf download tatsu-lab/alpaca_eval alpaca_eval_gpt4_baseline.json --repo-type"
+            " dataset --local-dir data/alpaca_eval)\n")
+
+
+def test_stop_after_names_exactly_the_stages_the_loop_starts(tmp_path):
+    """With every stage on (round 0's training and evaluation, AlpacaEval answers and both judges; then a round's
+    generation, scoring and pairs too), the stages the loop starts are exactly the lists STOP_AFTER's refusal gives,
+    in their order; STOP_AFTER=round_1/score_offline stops there."""
+    calls, env = _stub_tools(tmp_path)
+    settings = {**env, "ALPACA_EVAL": "data/demo/eval_preferences.jsonl", "JUDGE_RM": "org/rm",
+                "OPENAI_API_KEY": "key", "NUM_GPUS": "0"}
+    proc = run_loop(tmp_path / "out", **settings)
+    started = re.findall(r"\] start round_(\d)/(\w+)", proc.stdout)
+    refusal = run_loop(tmp_path / "out", check=False, STOP_AFTER="round_1/nothing", **settings)
+    assert refusal.returncode == 1 and refusal.stderr.count("\n") == 1
+    lists = re.search(r"STAGE one of (.*), or round_T/STAGE with T in 1\.\.1 \(ROUNDS\) and STAGE one of (.*)$",
+                      refusal.stderr.strip())
+    assert lists.group(1).split(", ") == [s for t, s in started if t == "0"]
+    assert lists.group(2).split(", ") == [s for t, s in started if t == "1"]
+    assert len(started) == 5 + 9
+    calls.unlink()
+    proc = run_loop(tmp_path / "out2", STOP_AFTER="round_1/score_offline", **settings)
+    assert proc.stdout.rstrip().endswith("stop after round_1/score_offline (STOP_AFTER)")
+    assert not _calls_of(calls, "03_build_pairs.py")
 
 
 def test_a_second_run_on_the_same_out_is_refused_at_once(tmp_path):
@@ -598,7 +756,7 @@ def test_a_failing_shard_worker_fails_the_stage(tmp_path):
     wrapper.chmod(0o755)
     out = tmp_path / "out"
     # no EVAL_PREFS: round 0's evaluation would run under `accelerate launch` for 2 GPUs
-    settings = dict(NUM_GPUS="2", ROUNDS="1", DPO_MODEL="tiny:2", GLOBAL_BATCH="4", EVAL_PREFS="",
+    settings = dict(NUM_GPUS="2", ROUNDS="1", DPO_MODEL="tiny:2", GLOBAL_BATCH="4", EVAL_PREFS="none",
                     STOP_AFTER="round_1/generate")
     proc = run_loop(out, check=False, PYTHON=str(wrapper), **settings)
     assert proc.returncode != 0
@@ -640,6 +798,58 @@ def test_force_redoes_a_changed_stage_and_what_follows(tiny_run):
         assert "done already" not in ends[f"round_1/{stage}"]
     assert "--overwrite" in _commands(out / "round_1" / "logs" / "score.log")[-1]
     assert len(read_jsonl(out / "round_1" / "responses.jsonl")) == 5
+
+
+@pytest.mark.slow
+def test_two_splits_of_one_dataset_folder_and_the_attention_setting(tmp_path):
+    """OFFLINE_PREFS and EVAL_PREFS name one save_to_disk DatasetDict (train_prefs: the demo's pairs, test_prefs: its
+    held-out ones) with OFFLINE_PREFS_SPLIT and EVAL_PREFS_SPLIT, on the tiny preset up to round 1's pairs: round 0
+    trains on train_prefs, round 0's evaluation scores exactly test_prefs, the replay buffer scored for round 1 is
+    train_prefs, and the replayed pairs come from it. ATTN_IMPLEMENTATION=eager is in every 02 and 04 done marker."""
+    import datasets
+
+    prefs = read_jsonl(os.path.join(ROOT, "data/demo/preferences.jsonl"))[:20]
+    held = read_jsonl(os.path.join(ROOT, "data/demo/eval_preferences.jsonl"))
+    folder = tmp_path / "prefs"
+    datasets.DatasetDict({"train_prefs": datasets.Dataset.from_list(prefs),
+                          "test_prefs": datasets.Dataset.from_list(held)}).save_to_disk(str(folder))
+    out = tmp_path / "out"
+    proc = run_loop(out, ROUNDS="1", OFFLINE_PREFS=str(folder), OFFLINE_PREFS_SPLIT="train_prefs",
+                    EVAL_PREFS=str(folder), EVAL_PREFS_SPLIT="test_prefs", ATTN_IMPLEMENTATION="eager",
+                    STOP_AFTER="round_1/pairs")
+    assert "stop after round_1/pairs" in proc.stdout
+
+    def marker(path):
+        return json.load(open(protocol.done_marker(str(path))))
+
+    train0 = marker(out / "round_0" / "model")
+    assert (train0["args"]["split"], train0["args"]["attn_implementation"]) == ("train_prefs", "eager")
+    assert f"--pairs {folder} --split train_prefs " in _commands(out / "round_0" / "logs" / "train.log")[0]
+    evaluated = read_jsonl(out / "round_0" / "eval_prefs.jsonl")
+    assert [(r["prompt"], r["chosen"]) for r in evaluated] == [(r["prompt"], r["chosen"]) for r in held]
+    scored = read_jsonl(out / "round_1" / "offline_scored.jsonl")
+    assert [(r["prompt"], r["chosen"]) for r in scored] == [(r["prompt"], r["chosen"]) for r in prefs]
+    for path, split in ((out / "round_0" / "eval_prefs.jsonl", "test_prefs"),
+                        (out / "round_1" / "offline_scored.jsonl", "train_prefs"),
+                        (out / "round_1" / "scores.jsonl", None)):
+        assert (marker(path)["args"]["split"], marker(path)["args"]["attn_implementation"]) == (split, "eager")
+    replayed = [p for p in read_jsonl(out / "round_1" / "pairs" / "pairs.jsonl") if p["source"] == "offline"]
+    assert replayed and all({k: p[k] for k in ("prompt", "chosen", "rejected")} in prefs for p in replayed)
+
+
+def test_a_wrong_attention_implementation_is_one_line(tmp_path, tiny_models):
+    """ATTN_IMPLEMENTATION's flag --attn_implementation reaches transformers' from_pretrained in 02 and 04: a value it
+    does not know stops the stage with one error line quoting it, no traceback, nothing written."""
+    policy, reference = tiny_models
+    pairs = os.path.join(ROOT, "data/demo/eval_preferences.jsonl")
+    for command in (["02_score.py", "--policy", policy, "--reference", reference, "--pairs", pairs],
+                    ["04_train_dpo.py", "--model", policy, "--pairs", pairs, "--max_steps", "1", "--eval_size", "0"]):
+        proc = run_script(["python", *command, "--out", tmp_path / "out", "--attn_implementation", "bogus"],
+                          check=False)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: ") and 'attn_implementation="bogus"' in last, proc.stderr[-2000:]
+        assert os.listdir(tmp_path) == [], command[0]
 
 
 # ----------------------------------------------------------------------------- paper presets on tiny models (slow)
@@ -695,10 +905,10 @@ def test_alpaca_eval_outputs_for_every_model_and_a_failing_judge(tmp_path):
     report shows the alpaca_eval command to run for each round (no API judge configured here). With REPORT_TO:
     04 gets --report_to and a run name per round, and TensorBoard's event files appear in the published model."""
     out = tmp_path / "out"
-    proc = run_loop(out, ROUNDS="1", EVAL_PREFS="", ALPACA_EVAL="data/demo/eval_preferences.jsonl",
+    proc = run_loop(out, ROUNDS="1", EVAL_PREFS="none", ALPACA_EVAL="data/demo/eval_preferences.jsonl",
                     ALPACA_EVAL_LIMIT="3", JUDGE_RM=str(tmp_path / "no-such-reward-model"), OPENAI_API_KEY="",
                     HF_HUB_OFFLINE="1", REPORT_TO="tensorboard", RUN_NAME="check")
-    assert proc.returncode == 0
+    assert proc.returncode == 0 and not (out / "round_0" / "eval_prefs.jsonl").exists()  # EVAL_PREFS=none
     expected = [json.loads(line)["prompt"] for line in open(os.path.join(ROOT, "data/demo/eval_preferences.jsonl"))]
     for t, model in ((0, out / "round_0" / "model"), (1, out / "round_1" / "model")):
         folder = out / f"round_{t}" / "alpaca_eval"
@@ -715,8 +925,9 @@ def test_alpaca_eval_outputs_for_every_model_and_a_failing_judge(tmp_path):
         assert f"--round {t} " in train and f"--report_to tensorboard --run_name check-round_{t}" in train
         assert glob.glob(str(out / f"round_{t}" / "model" / "runs" / "**" / "events.out.tfevents*"), recursive=True)
     text = (out / "report.md").read_text()
+    reference = os.path.join(ROOT, "data/demo/eval_preferences.jsonl")  # the instructions answered (ALPACA_EVAL)
     for t in (0, 1):
-        assert report.judge_command("", t, report.PAPER_ANNOTATOR) in text
+        assert report.judge_command("", t, report.PAPER_ANNOTATOR, reference) in text
     assert "judge_rm failed" in text
     assert "failed round_1/judge_rm" in proc.stdout and "the run goes on" in proc.stdout
 
