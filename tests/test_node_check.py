@@ -16,6 +16,7 @@ import pytest
 import node_check
 from conftest import ROOT, run_script
 from dice import protocol
+from test_report import finish, write_jsonl  # hand-made outputs with their done markers
 
 SCRIPT = os.path.join(ROOT, "run_rounds.sh")
 ZERO3 = "accelerate launch --config_file configs/accelerate/deepspeed_zero3.yaml --num_processes 2 04_train_dpo.py"
@@ -28,20 +29,6 @@ PRESETS = {
                       dpo="TinyLlama/TinyLlama-1.1B-Chat-v1.0", template="configs/templates/zephyr-dice.jinja",
                       sampling="--temperature 0.7 --top_p 0.9", stop=None),
 }
-
-
-def finish(path, **record):
-    """A done marker for a hand-made output, as protocol.stage writes it (the fields the tools read)."""
-    output = {"path": str(path), "fingerprint": protocol.fingerprint(path)}
-    protocol.write_json(protocol.done_marker(path), {"output": output, **record})
-
-
-def write_jsonl(path, rows, done=True, **record):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    if done:
-        finish(path, **record)
 
 
 def safetensors_file(path, shapes):

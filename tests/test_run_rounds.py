@@ -25,7 +25,7 @@ from dice import data, protocol
 
 SCRIPT = os.path.join(ROOT, "run_rounds.sh")
 # Flat KEY="${KEY:-value}" files (configs/node-check.env sources a paper preset: tests/test_node_check.py).
-PRESETS = ["demo", "tiny", "llama3-8b", "zephyr-7b"]
+PRESETS = ["demo", "tiny", "llama3-8b", "zephyr-7b", "tulu3-8b", "tulu3-70b"]
 # The settings every tiny run of these tests shares (the uninterrupted and the killed runs must be comparable).
 # --batch_size 1: one generation batch per prompt, so a kill can land between two appended rows.
 TINY = {"GEN_ARGS": "--batch_size 1", "ROUNDS": "2"}
