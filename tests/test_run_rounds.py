@@ -879,7 +879,7 @@ def test_zephyr_preset_reads_the_authors_data_files(tmp_path):
     held_out.write_text("".join(json.dumps(r) + "\n" for r in offline[:2]))
     out = tmp_path / "out"
     proc = run_loop(out, preset="configs/zephyr-7b.env", DICE_REPO=str(repo), EVAL_PREFS=str(held_out),
-                    STOP_AFTER="round_1/pairs", **TINY_SAMPLING)
+                    ALPACA_EVAL="none", STOP_AFTER="round_1/pairs", **TINY_SAMPLING)
     assert "stop after round_1/pairs" in proc.stdout
     gen, = _commands(out / "round_1" / "logs" / "generate.log")
     assert f"--prompts {data / 'prompt.json'} " in gen and "--prompt_field instruction " in gen
