@@ -89,7 +89,7 @@ def test_the_presets_settings_reach_every_command_on_two_simulated_gpus(tmp_path
                  "--per_device_train_batch_size 1 --gradient_accumulation_steps 16 ", "--eval_size 8 ",
                  f"--chat_template {p['template']} "):
         assert part in train
-    assert train.endswith(" --eval_steps 2 --save_steps 2 --keep_checkpoints true")
+    assert train.endswith(" --eval_steps 2 --save_steps 2 --keep_checkpoints true --reuse_ref_logps False")
     generate = [find(f"CUDA_VISIBLE_DEVICES={i} python 01_generate.py --model {p['dpo']} --prompts "
                      "data/demo/prompt.json ", f"--num_samples 16 {p['sampling']} --max_new_tokens 512 ",
                      "--engine vllm ", "--limit 32 --prompt_field instruction ", f"--chat_template {p['template']}",
@@ -102,7 +102,7 @@ def test_the_presets_settings_reach_every_command_on_two_simulated_gpus(tmp_path
     for line in generate + answers:
         assert (p["stop"] in line) if p["stop"] else "--stop_token_ids" not in line
     score = find("02_score.py")
-    assert len(score) == 4  # eval of round 0; score, score_offline, eval of round 1
+    assert len(score) == 3  # eval of round 0; score and eval of round 1 (SCORE_OFFLINE=0: 04 computes the reference)
     assert all("--dtype bfloat16 " in line and f"--chat_template {p['template']}" in line for line in score)
     find("accelerate launch --config_file configs/accelerate/multi_gpu.yaml --num_processes 2 02_score.py --policy "
          f"{p['dpo']} --reference {p['sft']} --responses {out}/round_1/responses.jsonl ")

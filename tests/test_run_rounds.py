@@ -155,6 +155,8 @@ def test_paper_presets_hold_the_paper_settings():
         # the authors' data from a clone of sail-sg/dice, not set by the preset itself; held-out pairs from UF's test.
         # No PROMPT_FIELD: run_rounds.sh reads DICE_REPO's prompt.json with `instruction`, 01 finds the field of others
         assert p["DICE_REPO"] == "official-dice" and p["ATTN_IMPLEMENTATION"] == ""
+        # the reference in training precision (README "The reference's precision"): TRL's precompute in 04
+        assert (p["TRAIN_ARGS"], p["SCORE_OFFLINE"]) == ("--reuse_ref_logps False", "0")
         assert "PROMPTS" not in p and "OFFLINE_PREFS" not in p and "PROMPT_FIELD" not in p
         assert p["EVAL_PREFS"] == "data/ultrafeedback/eval_preferences.jsonl"
     assert (llama["CHAT_TEMPLATE"], llama["PAPER"]) == ("configs/templates/llama3-dice.jinja", "llama3-8b")
