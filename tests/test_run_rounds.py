@@ -887,9 +887,9 @@ def test_zephyr_preset_reads_the_authors_data_files(tmp_path):
     assert f"--prompts {data / 'prompt.json'} " in gen and "--prompt_field instruction " in gen
     assert "--chat_template configs/templates/zephyr-dice.jinja " in gen
     pairs_cmd, = _commands(out / "round_1" / "logs" / "pairs.log")
-    assert f"--offline {out / 'round_1' / 'offline_scored.jsonl'} --gamma 0.5 " in pairs_cmd
-    score_offline, = _commands(out / "round_1" / "logs" / "score_offline.log")
-    assert f"--pairs {data / 'preference.json'} " in score_offline
+    # SCORE_OFFLINE=0 (04 computes the reference in training precision): 03 reads preference.json itself
+    assert f"--offline {data / 'preference.json'} --gamma 0.5 " in pairs_cmd
+    assert not (out / "round_1" / "logs" / "score_offline.log").exists()
     rows = read_jsonl(out / "round_1" / "responses.jsonl")
     assert sorted(r["prompt"] for r in rows) == sorted(instructions)  # as written: not stripped, not reformatted
     assert all(len(r["responses"]) == 4 for r in rows)
