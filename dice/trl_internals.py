@@ -193,6 +193,14 @@ def dice_dpo_trainer():
         that lack values or that training truncates. TRL's hash of every weight (the model half of its precompute cache
         key) is skipped: 04's datasets are written anew in the run's own folder, so the cache there is this run's."""
 
+        def _prepare_inputs(self, inputs):
+            # transformers 5.19.0 internal: Trainer._prepare_input casts a DeepSpeed batch's float tensors to bf16,
+            # which rounds the reference log-probs (sums of hundreds of nats) by up to 8 nats: they stay fp32
+            refs = {k: inputs.pop(k) for k in REF_COLUMNS if k in inputs}
+            inputs = super()._prepare_inputs(inputs)
+            inputs.update({k: v.to(self.args.device) for k, v in refs.items()})
+            return inputs
+
         def __init__(self, *args, **kwargs):
             self.ref_logps_counts = {}
             # TRL 1.16.0 internal: __init__ sets _precompute_model_hash = hash_module(model) (every weight, hashed)
